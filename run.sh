@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The main job: set up (first time only), then train the `quick` preset on CIFAR-10 and print its test accuracy.
+# Extra arguments go to `smallvit train`, e.g. ./run.sh --preset baseline  or  ./run.sh --set train.epochs=2
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+# Data: $SMALLVIT_DATA, else ./data (downloaded there when missing and the network allows); a copy of the
+# official files in ../shared/data is used when ./data has none.
+if [ -z "${SMALLVIT_DATA:-}" ] && [ ! -f data/cifar-10-batches-py/test_batch ] && [ -f ../shared/data/cifar-10-batches-py/test_batch ]; then
+  export SMALLVIT_DATA="$ROOT/../shared/data"
+fi
+if [ "$#" -eq 0 ]; then
+  set -- --preset quick
+fi
+OUT_ARGS=()
+case " $* " in *" --out "*) ;; *) OUT_ARGS=(--out "runs/main-$(date +%Y%m%d-%H%M%S)");; esac
+exec smallvit train "${OUT_ARGS[@]}" "$@"

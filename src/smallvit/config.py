@@ -1,0 +1,375 @@
+"""Typed configuration: the paper's baseline as defaults, named presets, dotted overrides.
+
+Every default below is the reference system's baseline (SPEC section 14) unless a comment says otherwise.
+A preset or an ablation is a small dict of dotted keys applied on top of `Config()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 10
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 2.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6  # build_model passes 1e-6 (SPEC 6.5)
+    drop_path: float = 0.1  # max stochastic depth, linear from 0 over the blocks
+    # Low-rank ("MLA") q/k/v projections, SPEC 6.6: any subset of "qkv" is factorised D -> r -> D.
+    latent: str = ""
+    latent_dim: int = 64
+    latent_kv_shared: bool = False  # beyond the paper: one down-projection feeds both k and v (DeepSeek MLA)
+    # Several CLS tokens and class-attention blocks, SPEC 6.7.
+    num_cls_tokens: int = 1
+    cls_pool: str = "concat"  # concat: head reads K*D; mean: head reads the mean of the K tokens
+    class_attn_depth: int = 0
+    class_attn: str = "reference"  # reference: patches projected (SPEC 6.7); cait: patches left unchanged
+    # Patch-token initialisation, SPEC 6.4 and 6.9.
+    pos_embed: str = "learned"  # learned | sincos
+    patch_init: str = "default"  # default (PyTorch conv init) | whiten
+    whiten_filters: str = "first"  # first: the reference's c*k*k filters; all: every output channel
+    whiten_images: int = 5000
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | cifar100
+    data_dir: str = ""  # empty: $SMALLVIT_DATA, else ./data
+    download: bool = True  # try the official source when files are missing
+    subset: int = 0  # >0: use only the first N training images (tests, quick demos)
+    test_subset: int = 0  # >0: evaluate on the first N test images only
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    crop_pad: int = 4  # random crop after zero padding; 0 disables
+    flip: bool = True
+    autoaugment: str = "cifar10"  # cifar10 | svhn | rand | none  (README column "-aa")
+    rotate_sign: str = "random"  # random (standard AutoAugment) | ccw (the reference's quirk, SPEC 12.19)
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    erase_p: float = 0.25
+    erase_area: tuple[float, float] = (0.02, 0.4)
+    erase_min_aspect: float = 0.3
+    erase_log_aspect: bool = True  # the reference samples the aspect uniformly (SPEC 5.3.3); standard is log-uniform
+    erase_fill: str = "reference"  # reference: raw dataset mean in normalised space | zero | noise
+    mixup: bool = True  # README column "-mixup"
+    cutmix: bool = True  # README column "-cutmix"
+    mix_p: float = 0.5  # probability that a batch is mixed at all (SPEC 5.4)
+    mixup_alpha: float = 1.0
+    cutmix_beta: float = 1.0
+    # SPEC 5.5: "passes" = the single-process meaning (an epoch is `repeats` shuffled passes, no image twice in a
+    # batch); "in_batch" = the torchrun meaning (each image `repeats` times in a row inside a batch).
+    repeat_mode: str = "passes"
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # adamw | lion | muon
+    lr: float = 1e-3  # peak learning rate (of the AdamW part for muon)
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    decay_all: bool = True  # the reference decays every tensor (SPEC 12.13); False: no decay on 1-D, tokens, pos
+    warmup_epochs: int = 10
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0: no clipping, as the reference
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100  # each epoch is aug.repeats passes over the data (SPEC 5.5)
+    batch_size: int = 256
+    label_smoothing: float = 0.1
+    eval_every_epochs: int = 5  # and always after the last step (fixes SPEC bug 11)
+    max_steps: int = 0  # >0: stop after this many steps (the schedule still spans the full run)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    log_every_steps: int = 50
+    progress: bool = True
+    on_nonfinite: str = "stop"  # stop | skip
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Named presets: each is a diff against the baseline.
+PRESETS: dict[str, dict[str, object]] = {
+    "baseline": {},
+    # A CPU demo that trains for about 10 minutes on 2 cores: a narrow, shallow ViT on a short schedule.
+    "quick": {
+        "model.embed_dim": 96,
+        "model.depth": 4,
+        "model.num_heads": 4,
+        "model.drop_path": 0.0,
+        "aug.autoaugment": "none",
+        "aug.erase_p": 0.0,
+        "aug.mixup": False,
+        "aug.cutmix": False,
+        "aug.repeats": 1,
+        "optim.lr": 2e-3,
+        "optim.warmup_epochs": 1,
+        "train.epochs": 8,
+        "train.batch_size": 128,
+        "train.eval_every_epochs": 2,
+    },
+    # Tiny and fast: used by the tests.
+    "smoke": {
+        "model.embed_dim": 32,
+        "model.depth": 2,
+        "model.num_heads": 2,
+        "data.subset": 512,
+        "data.test_subset": 256,
+        "aug.repeats": 1,
+        "optim.warmup_epochs": 1,
+        "train.epochs": 2,
+        "train.batch_size": 64,
+        "train.eval_every_epochs": 1,
+        "train.progress": False,
+        "train.log_every_steps": 4,
+    },
+}
+
+
+# Named ablations: each differs from the baseline in a few keys. The paper's README columns (SPEC section 4)
+# carry `paper_acc` in PAPER_RESULTS below; the rest are the design space the paper describes without a column.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "baseline": {},
+    # Augmentation (README group "Augmentation")
+    "-aa": {"aug.autoaugment": "none"},
+    "-mixup": {"aug.mixup": False},
+    "-cutmix": {"aug.cutmix": False},
+    "-erasing": {"aug.erase_p": 0.0},
+    "-smoothing": {"train.label_smoothing": 0.0},
+    "randaugment": {"aug.autoaugment": "rand"},
+    "ra-in-batch": {"aug.repeat_mode": "in_batch"},
+    # Patch-token initialisation (README group "Patch")
+    "sin": {"model.pos_embed": "sincos"},
+    "whiten": {"model.patch_init": "whiten"},
+    "whiten-all": {"model.patch_init": "whiten", "model.whiten_filters": "all"},
+    # Low-rank q/k/v (README group "MLA")
+    "mla-q": {"model.latent": "q"},
+    "mla-k": {"model.latent": "k"},
+    "mla-qk": {"model.latent": "qk"},
+    "mla-kv": {"model.latent": "kv"},
+    "mla-qkv": {"model.latent": "qkv"},
+    "mla-kv-shared": {"model.latent": "kv", "model.latent_kv_shared": True},
+    # Several CLS tokens, with and without class-attention blocks (SPEC 6.7)
+    **{f"cls{k}": {"model.num_cls_tokens": k} for k in (2, 4, 8)},
+    **{f"cls{k}-ca2": {"model.num_cls_tokens": k, "model.class_attn_depth": 2} for k in (1, 2, 4, 8)},
+    "cls4-ca2-cait": {"model.num_cls_tokens": 4, "model.class_attn_depth": 2, "model.class_attn": "cait"},
+    "cls4-mean": {"model.num_cls_tokens": 4, "model.cls_pool": "mean"},
+    # Batch size and optimisers (README group "DDP"; the reference ran these under torchrun, i.e. in-batch repeats)
+    "bs1024": {"train.batch_size": 1024},
+    "lion-bs1024": {"train.batch_size": 1024, "optim.name": "lion"},
+    "lion": {"optim.name": "lion", "optim.lr": 3e-4, "optim.weight_decay": 0.5},
+    "muon": {"optim.name": "muon"},
+    "adamw-nowd-1d": {"optim.decay_all": False},
+    "depth9": {"model.depth": 9},
+}
+
+# The reference README's Val/Acc (%) for the columns that have one (SPEC section 4).
+PAPER_RESULTS: dict[str, float] = {
+    "baseline": 93.65, "-aa": 92.14, "-mixup": 93.68, "-cutmix": 92.77, "sin": 93.43, "whiten": 93.28,
+    "mla-qkv": 91.8, "mla-kv": 92.43, "mla-qk": 92.42, "mla-q": 93.32, "mla-k": 92.5,
+    "bs1024": 92.09, "lion-bs1024": 92.38,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and what is allowed."""
+
+
+def _leaf_keys(cls, prefix="") -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        t = hints[f.name]
+        if is_dataclass(t):
+            out.update(_leaf_keys(t, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = t
+    return out
+
+
+VALID_KEYS = _leaf_keys(Config)
+
+
+def _coerce(key: str, value, t):
+    """Convert `value` (a string from the CLI or a Python value) to type `t`, or raise ConfigError."""
+    origin = typing.get_origin(t)
+    if isinstance(value, str) and t is not str:
+        text = value.strip()
+        if t is bool:
+            low = text.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        if origin is tuple:
+            text = text.strip("()[] ")
+            value = [p for p in text.split(",") if p.strip()]
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                kind = {int: "an integer", float: "a number"}.get(t, t.__name__)
+                raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
+    if origin is tuple:
+        args = typing.get_args(t)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if t is str:
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {t}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Parse ["a.b=1", "c.d=x"] into a dict; each item must be KEY=VALUE."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.depth=9")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
+    """Return a copy of cfg with dotted keys replaced; unknown keys and bad values raise ConfigError."""
+    for key, value in overrides.items():
+        if key not in VALID_KEYS:
+            close = [k for k in VALID_KEYS if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {key!r}.{hint} Valid keys:\n  " + "\n  ".join(sorted(VALID_KEYS))
+            )
+        section, name = key.split(".")
+        sub = getattr(cfg, section)
+        sub = replace(sub, **{name: _coerce(key, value, VALID_KEYS[key])})
+        cfg = replace(cfg, **{section: sub})
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, msg: str):
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and cross-field constraints; raise ConfigError naming the key."""
+    m, a, o, t, d = cfg.model, cfg.aug, cfg.optim, cfg.train, cfg.data
+    _check(m.img_size > 0, "model.img_size must be positive")
+    _check(m.patch_size > 0 and m.img_size % m.patch_size == 0,
+           f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
+    _check(m.depth >= 1, f"model.depth must be >= 1, got {m.depth}")
+    _check(m.embed_dim >= 1 and m.num_heads >= 1, "model.embed_dim and model.num_heads must be >= 1")
+    _check(m.embed_dim % m.num_heads == 0,
+           f"model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}")
+    _check(m.mlp_ratio > 0, "model.mlp_ratio must be positive")
+    _check(0.0 <= m.drop_path < 1.0, "model.drop_path must be in [0, 1)")
+    _check(set(m.latent) <= set("qkv") and len(set(m.latent)) == len(m.latent),
+           f"model.latent must be a subset of 'qkv' (e.g. 'q', 'kv', 'qkv'), got {m.latent!r}")
+    _check(m.latent_dim >= 1, "model.latent_dim must be >= 1")
+    _check(not m.latent_kv_shared or ("k" in m.latent and "v" in m.latent),
+           "model.latent_kv_shared needs both k and v in model.latent")
+    _check(m.num_cls_tokens >= 1, "model.num_cls_tokens must be >= 1")
+    _check(m.cls_pool in ("concat", "mean"), "model.cls_pool must be concat or mean")
+    _check(m.class_attn_depth >= 0, "model.class_attn_depth must be >= 0")
+    _check(m.class_attn in ("reference", "cait"), "model.class_attn must be reference or cait")
+    _check(m.pos_embed in ("learned", "sincos"), "model.pos_embed must be learned or sincos")
+    _check(m.pos_embed != "sincos" or m.embed_dim % 4 == 0, "model.pos_embed=sincos needs embed_dim % 4 == 0")
+    _check(m.patch_init in ("default", "whiten"), "model.patch_init must be default or whiten")
+    _check(m.whiten_filters in ("first", "all"), "model.whiten_filters must be first or all")
+    _check(d.dataset in ("cifar10", "cifar100"), f"data.dataset must be cifar10 or cifar100, got {d.dataset!r}")
+    _check(d.subset >= 0 and d.test_subset >= 0, "data.subset and data.test_subset must be >= 0")
+    _check(a.autoaugment in ("cifar10", "svhn", "rand", "none"), "aug.autoaugment must be cifar10, svhn, rand or none")
+    _check(a.rotate_sign in ("random", "ccw"), "aug.rotate_sign must be random or ccw")
+    _check(0.0 <= a.erase_p <= 1.0, "aug.erase_p must be in [0, 1]")
+    _check(0 < a.erase_area[0] <= a.erase_area[1] < 1, "aug.erase_area must be (lo, hi) with 0 < lo <= hi < 1")
+    _check(0 < a.erase_min_aspect <= 1, "aug.erase_min_aspect must be in (0, 1]")
+    _check(a.erase_fill in ("reference", "zero", "noise"), "aug.erase_fill must be reference, zero or noise")
+    _check(0.0 <= a.mix_p <= 1.0, "aug.mix_p must be in [0, 1]")
+    _check(a.repeat_mode in ("passes", "in_batch"), "aug.repeat_mode must be passes or in_batch")
+    _check(a.repeats >= 1, "aug.repeats must be >= 1")
+    _check(a.crop_pad >= 0, "aug.crop_pad must be >= 0")
+    _check(o.name in ("adamw", "lion", "muon"), f"optim.name must be adamw, lion or muon, got {o.name!r}")
+    _check(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _check(0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]")
+    _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+    _check(o.warmup_epochs < t.epochs or t.epochs == 0, "optim.warmup_epochs must be < train.epochs")
+    _check(t.epochs >= 1, "train.epochs must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size must be >= 1")
+    _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
+    _check(t.eval_every_epochs >= 0, "train.eval_every_epochs must be >= 0")
+    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
+    _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip")
+
+
+def make_config(preset: str = "baseline", overrides: dict[str, object] | None = None,
+                ablation: str = "baseline") -> Config:
+    """Build a config: the preset (scale), then the named ablation (what is studied), then dotted overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"unknown ablation {ablation!r}; choose from: {', '.join(ABLATIONS)}")
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    cfg = apply_overrides(cfg, ABLATIONS[ablation])
+    return apply_overrides(cfg, overrides or {})
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a run's config.json); unknown keys raise ConfigError."""
+    flat = {f"{s}.{k}": v for s, sub in d.items() for k, v in sub.items()}
+    return apply_overrides(Config(), flat)
+
+
+def diff(cfg: Config, base: Config | None = None) -> dict[str, object]:
+    """Dotted keys whose values differ from `base` (the baseline by default)."""
+    a, b = to_dict(cfg), to_dict(base or Config())
+    return {f"{s}.{k}": v for s in a for k, v in a[s].items() if b[s][k] != v}

@@ -1,0 +1,233 @@
+"""The paper's ViT (SPEC section 6) with every design knob it studies as a constructor option.
+
+One model, no copies: low-rank q/k/v (MLA), several CLS tokens, class-attention blocks, learned or
+fixed 2-D sin-cos position embedding. Whitening init of the patch embedding lives in `whiten.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+
+from .config import ModelConfig
+
+
+def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, num_cls: int = 0) -> torch.Tensor:
+    """Fixed 2-D sin-cos table (num_cls + grid_h*grid_w, dim), MoCo-v3 layout: [sin r, cos r, sin c, cos c].
+
+    Token r*grid_w + c gets row r and column c; the CLS rows are zero. Any grid and any number of CLS
+    tokens (the reference hard-codes 8x8 and one CLS row, SPEC bug 4).
+    """
+    assert dim % 4 == 0, "sin-cos position embedding needs dim % 4 == 0"
+    p = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(p, dtype=torch.float64) / p))  # (P,)
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    r = rows.reshape(-1, 1).double() * omega  # (N, P)
+    c = cols.reshape(-1, 1).double() * omega
+    table = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)  # (N, D)
+    return torch.cat([torch.zeros(num_cls, dim, dtype=torch.float64), table]).float()
+
+
+class LowRankLinear(nn.Sequential):
+    """D -> r (no bias) -> D (bias): the reference's 'latent' projection (SPEC 6.6)."""
+
+    def __init__(self, dim: int, rank: int, bias: bool):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=bias)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections, any subset of them low-rank."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, latent: str = "", latent_dim: int = 64,
+                 kv_shared: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kv_shared = kv_shared
+        full = lambda: nn.Linear(dim, dim, bias=qkv_bias)  # noqa: E731
+        low = lambda: LowRankLinear(dim, latent_dim, qkv_bias)  # noqa: E731
+        self.q = low() if "q" in latent else full()
+        if kv_shared:  # one latent for k and v: down once, then two up-projections
+            self.kv_down = nn.Linear(dim, latent_dim, bias=False)
+            self.k = nn.Linear(latent_dim, dim, bias=qkv_bias)
+            self.v = nn.Linear(latent_dim, dim, bias=qkv_bias)
+        else:
+            self.k = low() if "k" in latent else full()
+            self.v = low() if "v" in latent else full()
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x):
+        if self.kv_shared:
+            z = self.kv_down(x)  # (B, N, r)
+            return self.q(x), self.k(z), self.v(z)
+        return self.q(x), self.k(x), self.v(x)
+
+    def _heads(self, x):  # (B, N, D) -> (B, h, N, d)
+        B, N, _ = x.shape
+        return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = (self._heads(t) for t in self._qkv(x))
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d), scale d^-0.5 as the reference
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention weights (B, h, N, N), for inspection."""
+        q, k, _ = (self._heads(t) for t in self._qkv(x))
+        return (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1)
+
+
+class ClassAttention(nn.Module):
+    """CLS tokens attend to all tokens (SPEC 6.7). `project_patches`: the reference's projO on the patches."""
+
+    def __init__(self, dim: int, num_heads: int, num_cls: int, qkv_bias: bool = True, project_patches: bool = True):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_cls = num_heads, dim // num_heads, num_cls
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_patches = nn.Linear(dim, dim) if project_patches else None
+
+    def _heads(self, x):
+        B, N, _ = x.shape
+        return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        cls, patches = x[:, : self.num_cls], x[:, self.num_cls :]
+        q = self._heads(self.q(cls))  # (B, h, K, d)
+        out = F.scaled_dot_product_attention(q, self._heads(self.k(x)), self._heads(self.v(x)))
+        cls = self.proj(out.transpose(1, 2).reshape(B, self.num_cls, D))  # (B, K, D)
+        patches = self.proj_patches(patches) if self.proj_patches is not None else torch.zeros_like(patches)
+        return torch.cat([cls, patches], dim=1)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        q = self._heads(self.q(x[:, : self.num_cls]))
+        return (q @ self._heads(self.k(x)).transpose(-2, -1) * self.head_dim**-0.5).softmax(-1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `attn` is self-attention or class attention."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float, eps: float,
+                 cls_only: int = 0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.cls_only = cls_only  # CaiT: only the first `cls_only` tokens are updated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cls_only:
+            k = self.cls_only
+            cls = x[:, :k] + self.drop_path(self.attn(self.norm1(x))[:, :k])
+            cls = cls + self.drop_path(self.mlp(self.norm2(cls)))
+            return torch.cat([cls, x[:, k:]], dim=1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ViT(nn.Module):
+    """Vision Transformer of the paper, configured by a ModelConfig."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, K = cfg.embed_dim, cfg.num_cls_tokens
+        self.grid = cfg.img_size // cfg.patch_size
+        self.num_cls = K
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, K, D))
+        n_tokens = K + self.grid * self.grid
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, D))
+        else:  # a buffer: fixed, not trained, saved in the state dict
+            self.register_buffer("pos_embed", sincos_pos_embed(self.grid, self.grid, D, K).unsqueeze(0))
+        total = cfg.depth + cfg.class_attn_depth
+        # One linear drop-path schedule over all blocks; class-attention blocks continue it (fixes SPEC bug 14).
+        dpr = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
+        self.blocks = nn.ModuleList(
+            Block(D, Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.latent, cfg.latent_dim, cfg.latent_kv_shared),
+                  cfg.mlp_ratio, dpr[i], cfg.norm_eps)
+            for i in range(cfg.depth)
+        )
+        cait = cfg.class_attn == "cait"
+        self.cls_blocks = nn.ModuleList(
+            Block(D, ClassAttention(D, cfg.num_heads, K, cfg.qkv_bias, project_patches=not cait),
+                  cfg.mlp_ratio, dpr[cfg.depth + i], cfg.norm_eps, cls_only=K if cait else 0)
+            for i in range(cfg.class_attn_depth)
+        )
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        head_in = K * D if cfg.cls_pool == "concat" else D
+        self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        # SPEC 6.8: trunc-normal(0.02) linears with zero bias, LayerNorm 1/0, tokens trunc-normal(0.02);
+        # the patch-embedding conv keeps PyTorch's default init.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            trunc_normal_(self.pos_embed, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> token sequence after the embedding (B, K + N, D)."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, K, D)
+        return torch.cat([cls, x], dim=1) + self.pos_embed
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The K CLS features after the final norm (B, K, D)."""
+        x = self.tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        for blk in self.cls_blocks:
+            x = blk(x)
+        return self.norm(x)[:, : self.num_cls]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)  # (B, K, D)
+        f = f.flatten(1) if self.cfg.cls_pool == "concat" else f.mean(1)
+        return self.head(f)  # (B, num_classes)
+
+
+def build_model(cfg: ModelConfig) -> ViT:
+    return ViT(cfg)
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def flops_per_image(model: nn.Module) -> int:
+    """Forward FLOPs for one image (multiply-add = 2 FLOPs), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = model.cfg
+    x = torch.zeros(1, c.in_chans, c.img_size, c.img_size, device=next(model.parameters()).device)
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    model.train(was)
+    return int(fc.get_total_flops())
+

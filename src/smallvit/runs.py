@@ -1,0 +1,181 @@
+"""Run folders: atomic checkpoints, metric records (JSON lines + TensorBoard), environment record."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says why and what to do."""
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(
+                f"could not write {path}: {e.strerror or e}. The previous file (if any) is unchanged; "
+                f"free some disk space or choose another --out folder, then --resume."
+            ) from None
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    state = dict(state, format=CHECKPOINT_FORMAT)
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint safely (weights_only=True: no arbitrary code) with clear errors."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; pass a run folder or a {CHECKPOINT} file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} is not a readable smallvit checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"It may be truncated or from another program; use another checkpoint or start a new run."
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a smallvit checkpoint (no model/config entries)")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """load_state_dict with a message that names the mismatching keys instead of torch's traceback."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    extra = sorted(set(state_dict) - set(own))
+    shapes = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if extra:
+            parts.append(f"unexpected {extra[:5]}")
+        if shapes:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:5]))
+        raise CheckpointError(
+            f"{source} was saved from a different model ({'; '.join(parts)}). "
+            f"Use the config the checkpoint was trained with."
+        )
+    model.load_state_dict(state_dict)
+
+
+def git_info() -> dict:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0:
+            return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"sha": None, "dirty": None}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    import numpy
+    import timm
+    import torchvision
+
+    return {
+        "git": git_info(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "device": device_name(device),
+        "hostname": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class Records:
+    """metrics.jsonl plus TensorBoard scalars; a no-op on non-zero ranks."""
+
+    def __init__(self, out_dir: Path | None, enabled: bool = True):
+        self.enabled = enabled and out_dir is not None
+        self.tb = None
+        if self.enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+
+    def log(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    return out

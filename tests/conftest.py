@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny dataset written in the official CIFAR-10 layout, and the real one when present."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smallvit import data as D
+from smallvit.config import make_config
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("SMALLVIT_REAL_DATA", REPO.parent / "shared" / "data"))
+HAVE_REAL = (REAL_DATA / "cifar-10-batches-py" / "test_batch").is_file()
+needs_real_cifar = pytest.mark.skipif(not HAVE_REAL, reason=f"real CIFAR-10 not found at {REAL_DATA}")
+
+
+def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy images: each class is a colour and a stripe position, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    x = rng.integers(0, 60, (n, 3, 32, 32)).astype(np.int64)
+    for c in range(10):
+        sel = y == c
+        x[sel, c % 3] += 120
+        x[sel, :, 3 * c : 3 * c + 3, :] += 70
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+def write_fake_cifar10(root: Path, n_train: int = 600, n_test: int = 200) -> dict[str, str]:
+    """Write pickles with the official names and keys; return their md5s."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    xs, ys = make_images(n_train + n_test, 0)
+    per = n_train // 5
+    chunks = [(f"data_batch_{i + 1}", slice(i * per, (i + 1) * per)) for i in range(5)]
+    chunks.append(("test_batch", slice(n_train, n_train + n_test)))
+    for name, sl in chunks:
+        d = {b"data": xs[sl].reshape(-1, 3072), b"labels": ys[sl].tolist(), b"batch_label": name.encode()}
+        path = folder / name
+        path.write_bytes(pickle.dumps(d))
+        sums[name] = hashlib.md5(path.read_bytes()).hexdigest()
+    return sums
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch) -> Path:
+    """A tiny CIFAR-10 in the official layout; the reader's checksum table points at these files."""
+    root = tmp_path / "data"
+    sums = write_fake_cifar10(root)
+    monkeypatch.setitem(D.CHECKSUMS, "cifar10", sums)
+    return root
+
+
+def smoke_config(data_dir: Path, **overrides):
+    """The smoke preset on the given data, with no download attempt."""
+    base = {"data.data_dir": str(data_dir), "data.download": False, "data.subset": 0, "data.test_subset": 0}
+    base.update(overrides)
+    return make_config("smoke", base)

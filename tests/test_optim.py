@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from smallvit.config import OptimConfig, make_config
+from smallvit.model import build_model
+from smallvit.optim import build_optimizer, lr_at, param_groups, schedule_factor
+
+
+def test_schedule_matches_reference_trace():
+    # SPEC 8: B=256 single process -> W = 5,850, T = 58,500, from 1e-6 to 1e-3 and back to 1e-6.
+    T, W, peak, lo = 58_500, 5_850, 1e-3, 1e-6
+    assert lr_at(0, T, W, peak, lo) == pytest.approx(1e-6)
+    assert lr_at(W // 2, T, W, peak, lo) == pytest.approx(lo + (peak - lo) * 0.5)
+    assert lr_at(W, T, W, peak, lo) == pytest.approx(peak)
+    mid = W + (T - W) // 2
+    assert lr_at(mid, T, W, peak, lo) == pytest.approx(lo + (peak - lo) * 0.5, rel=1e-6)
+    assert lr_at(T - 1, T, W, peak, lo) == pytest.approx(lo, abs=1e-9)
+    assert lr_at(T, T, W, peak, lo) == lo
+    s = W + 1000
+    want = lo + (peak - lo) * (1 + math.cos(math.pi * 1000 / (T - W))) / 2
+    assert lr_at(s, T, W, peak, lo) == pytest.approx(want)
+
+
+def test_train_uses_baseline_step_counts():
+    from smallvit.data import steps_per_epoch
+
+    assert steps_per_epoch(50_000, 3, 256) == 585
+    assert steps_per_epoch(50_000, 3, 1024) == 146
+
+
+def _names(model, group):
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_param_groups():
+    model = build_model(make_config("smoke").model)
+    (g,) = param_groups(model, OptimConfig())
+    assert len(g["params"]) == len(list(model.parameters())) and g["weight_decay"] == 0.05
+    decay, nodecay = param_groups(model, OptimConfig(decay_all=False))
+    assert nodecay["weight_decay"] == 0.0
+    nd = _names(model, nodecay)
+    assert {"cls_token", "pos_embed", "norm.weight", "head.bias"} <= nd
+    assert not any(n.endswith("weight") and "norm" not in n for n in nd)
+    muon, adamw = param_groups(model, OptimConfig(name="muon"))
+    mu = _names(model, muon)
+    assert "blocks.0.mlp.fc1.weight" in mu and "blocks.0.attn.q.weight" in mu
+    assert not ({"cls_token", "pos_embed", "patch_embed.weight", "head.weight"} & mu)
+    assert all(model.get_parameter(n).ndim == 2 for n in mu)
+    assert muon["peak_lr"] == 0.02 and adamw["peak_lr"] == 1e-3
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "muon"])
+def test_optimizers_step_and_follow_schedule(name):
+    model = build_model(make_config("smoke").model)
+    cfg = OptimConfig(name=name)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    f = schedule_factor(10, 100, 20, cfg)
+    for g in opt.param_groups:
+        g["lr"] = g["peak_lr"] * f
+    assert opt.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["peak_lr"] * f)
