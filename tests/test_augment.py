@@ -73,8 +73,8 @@ def test_random_erasing_rate_area_and_fill():
         assert (h - 0.5) * (w - 0.5) <= hi * H * W and (h + 0.5) * (w + 0.5) >= lo * H * W
         assert torch.allclose(y[i][:, m], mean[:, None].expand(3, h * w))  # raw means, as the reference
     frac = changed[erased].all(1).flatten(1).float().mean(1)
-    assert lo * 0.8 < float(frac.min()) and float(frac.max()) < hi * 1.2
-    assert abs(float(frac.mean()) - (lo + hi) / 2) < 0.05  # area is uniform on [lo, hi]
+    assert lo * 0.7 < float(frac.min()) and float(frac.max()) < hi * 1.1
+    assert abs(float(frac.mean()) - (lo + hi) / 2) < 0.05  # area ~ U[lo, hi] (a few large boxes are rejected)
     zero = augment.random_erasing(x, replace(cfg, erase_fill="zero", erase_p=1.0), mean, torch.Generator())
     assert bool((zero[zero != x] == 0).all()) and float((zero != x).flatten(1).any(1).float().mean()) > 0.99
 

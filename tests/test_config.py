@@ -1,7 +1,16 @@
 import pytest
 
-from smallvit.config import (ABLATIONS, Config, ConfigError, apply_overrides, diff, from_dict, make_config,
-                             parse_overrides, to_dict)
+from smallvit.config import (
+    ABLATIONS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    diff,
+    from_dict,
+    make_config,
+    parse_overrides,
+    to_dict,
+)
 
 
 def test_defaults_are_the_paper_baseline():

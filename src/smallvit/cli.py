@@ -1,4 +1,4 @@
-"""The `smallvit` command: train, eval, info, ablations."""
+"""The `smallvit` command: train, eval, info, ablations, ablate, report, predict, export, inspect."""
 
 from __future__ import annotations
 
@@ -83,6 +83,71 @@ def cmd_ablations(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from .ablate import ablate
+
+    overrides = parse_overrides(args.set)
+    if args.data_dir:
+        overrides.setdefault("data.data_dir", args.data_dir)
+    devices = args.devices.split(",") if args.devices else None
+    rows = ablate(args.study, args.seeds, args.preset, args.budget, args.root, overrides, devices, args.set,
+                  args.data_dir)
+    done = sum(r["state"] == "done" for r in rows)
+    print(f"{done}/{len(rows)} runs done in {Path(args.root) / args.study}")
+    if done and not args.no_report:
+        from .report import report
+
+        print(report(Path(args.root) / args.study)["table"])
+    return 0 if done == len(rows) else 1
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    folder = Path(args.study)
+    if not folder.exists():
+        folder = Path(args.root) / args.study
+    r = report(folder, args.out)
+    print(r["table"])
+    print(f"wrote {r['markdown']}, {r['csv']}, {r['bars']}, {r['curves']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import format_table, predict_files
+
+    results = predict_files(args.run, args.images, topk=args.topk, device=args.device)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import ExportError, export
+
+    try:
+        report = export(args.run, args.format, args.out, opset=args.opset, exporter=args.onnx_exporter)
+    except ExportError as e:
+        print(f"smallvit export: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_attn import inspect_run
+
+    report = inspect_run(args.run, images=args.images, indices=args.indices, data_dir=args.data_dir, out_dir=args.out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,7,42; got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smallvit", description="Small Vision Transformers on small datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +174,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", action="store_true", help="also count each ablation's parameters")
     p.set_defaults(fn=cmd_ablations)
 
+    p = sub.add_parser("ablate", help="run a named study: ablations x seeds, restartable")
+    p.add_argument("study", help="study name (see smallvit.ablate.STUDIES)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--preset", default="baseline", choices=sorted(PRESETS), help="scale of every run")
+    p.add_argument("--budget", type=float, default=1.0, help="multiply the epochs (and warm-up) by this")
+    p.add_argument("--root", default="runs/studies")
+    p.add_argument("--devices", default=None, help="comma-separated devices (cuda:0,cuda:1) for side-by-side runs")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-report", action="store_true")
+    p.set_defaults(fn=cmd_ablate)
+
+    p = sub.add_parser("report", help="Markdown/CSV table and plots from a study's run records")
+    p.add_argument("study", help="study name or folder of runs")
+    p.add_argument("--root", default="runs/studies")
+    p.add_argument("--out", default=None, help="output folder (default: the study folder)")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("predict", help="top-k classes of image files (PNG, JPEG, any size)")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_predict)
+
+    from .export import FORMATS, OPSET
+
+    p = sub.add_parser("export", help="write the model as ONNX, TorchScript or a torch.export program")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--format", default="onnx", choices=list(FORMATS))
+    p.add_argument("--out", default=None, help="output file (default: model.onnx, model.torchscript.pt or "
+                   "model.pt2 in the run folder)")
+    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
+    p.add_argument("--onnx-exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                   help="auto: dynamo when onnxscript is installed")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("inspect", help="attention maps and rollout of the CLS token(s) on test images, as PNGs")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--images", type=int, default=4, help="the first N test images")
+    p.add_argument("--indices", type=_int_list, default=None, help="test image indices instead, e.g. 0,7,42")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None, help="output folder (default: RUN/attention)")
+    p.set_defaults(fn=cmd_inspect)
+
     args = parser.parse_args(argv)
     from .data import DataError
     from .runs import CheckpointError
@@ -116,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"smallvit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

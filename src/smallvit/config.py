@@ -136,6 +136,20 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.batch_size": 128,
         "train.eval_every_epochs": 2,
     },
+    # The CPU mini-study: the quick model with the paper's full augmentation recipe (about 4 minutes a run).
+    "mini": {
+        "model.embed_dim": 96,
+        "model.depth": 4,
+        "model.num_heads": 4,
+        "model.drop_path": 0.05,
+        "aug.repeats": 1,
+        "optim.lr": 2e-3,
+        "optim.warmup_epochs": 1,
+        "train.epochs": 4,
+        "train.batch_size": 128,
+        "train.eval_every_epochs": 1,
+        "train.progress": False,
+    },
     # Tiny and fast: used by the tests.
     "smoke": {
         "model.embed_dim": 32,
@@ -151,6 +165,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.progress": False,
         "train.log_every_steps": 4,
     },
+    # Other datasets at the baseline's scale (SPEC 5.1-5.3): SVHN digits are not mirror-symmetric, so no flip.
+    "cifar100": {"data.dataset": "cifar100", "model.num_classes": 100},
+    "svhn": {"data.dataset": "svhn", "model.num_classes": 10, "aug.autoaugment": "svhn", "aug.flip": False},
 }
 
 
@@ -321,7 +338,8 @@ def validate(cfg: Config) -> None:
     _check(m.pos_embed != "sincos" or m.embed_dim % 4 == 0, "model.pos_embed=sincos needs embed_dim % 4 == 0")
     _check(m.patch_init in ("default", "whiten"), "model.patch_init must be default or whiten")
     _check(m.whiten_filters in ("first", "all"), "model.whiten_filters must be first or all")
-    _check(d.dataset in ("cifar10", "cifar100"), f"data.dataset must be cifar10 or cifar100, got {d.dataset!r}")
+    _check(d.dataset in ("cifar10", "cifar100", "svhn", "folder"),
+           f"data.dataset must be cifar10, cifar100, svhn or folder (images at data.data_dir), got {d.dataset!r}")
     _check(d.subset >= 0 and d.test_subset >= 0, "data.subset and data.test_subset must be >= 0")
     _check(a.autoaugment in ("cifar10", "svhn", "rand", "none"), "aug.autoaugment must be cifar10, svhn, rand or none")
     _check(a.rotate_sign in ("random", "ccw"), "aug.rotate_sign must be random or ccw")

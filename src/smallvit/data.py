@@ -1,13 +1,17 @@
-"""CIFAR-10 / CIFAR-100 in the official python layout, checksum-verified, held as uint8 tensors.
+"""Datasets held as uint8 tensors: CIFAR-10/100 and SVHN (official files, checksum-verified) and image folders.
 
-The files are pickles: each one's md5 is checked *before* it is unpickled, and a mismatch refuses to load.
-The whole split is returned as one uint8 tensor (N, 3, 32, 32) so it can live on the training device:
+The CIFAR files are pickles: each one's md5 is checked *before* it is unpickled, and a mismatch refuses to load.
+SVHN is the official `train_32x32.mat` / `test_32x32.mat` pair (labels 1..10, where 10 is the digit 0).
+A folder dataset is the ImageFolder layout root/train/<class>/*.png and root/val/<class>/*.png, resized once.
+The whole split is returned as one uint8 tensor (N, 3, H, W) so it can live on the training device:
 no per-image Python loop and no DataLoader workers (the reference's PIL pipeline is the bottleneck, SPEC 5.3).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import pickle
 import tarfile
@@ -35,6 +39,7 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, float, float]  # SPEC 5.1
     std: tuple[float, float, float]
+    layout: str = "pickle"  # pickle: CIFAR python batches in an archive | mat: SVHN .mat files, fetched one by one
 
 
 DATASETS = {
@@ -48,7 +53,12 @@ DATASETS = {
         "eb9058c3a382ffc7106e4002c42a8d85",
         ("train",), ("test",), b"fine_labels", 100,
         (0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": DatasetInfo(
+        "svhn", "http://ufldl.stanford.edu/housenumbers/", "",
+        ("train_32x32.mat",), ("test_32x32.mat",), b"y", 10,
+        (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), layout="mat"),  # the 'extra' split is not used
 }
+FOLDER = "folder"  # data.dataset=folder: an ImageFolder tree at data.data_dir (see load_folder)
 
 # The official md5 of every pickle (the same values torchvision checks).
 CHECKSUMS: dict[str, dict[str, str]] = {
@@ -64,11 +74,30 @@ CHECKSUMS: dict[str, dict[str, str]] = {
         "train": "16019d7e3df5f24257cddd939b257f8d",
         "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
     },
+    "svhn": {
+        "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+        "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
+    },
 }
 
 CLASS_NAMES = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    # The fine labels in label order (alphabetical), as in the archive's `meta` file.
+    "cifar100": (
+        "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl",
+        "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair",
+        "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin",
+        "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp",
+        "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+        "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
+        "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+        "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel",
+        "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+        "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm"
+    ),
+    "svhn": tuple(str(i) for i in range(10)),
 }
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
 
 def resolve_data_dir(data_dir: str = "") -> Path:
@@ -85,8 +114,27 @@ def md5sum(path: Path) -> str:
 
 
 def _find_folder(root: Path, info: DatasetInfo) -> Path:
-    """Accept either the parent of the official folder or the official folder itself."""
-    return root if root.name == info.folder else root / info.folder
+    """Accept either the parent of the official folder or the official folder itself (torchvision's SVHN root)."""
+    if root.name == info.folder or (root / (info.train_files + info.test_files)[0]).is_file():
+        return root
+    return root / info.folder
+
+
+def _download_files(folder: Path, info: DatasetInfo, name: str) -> None:
+    """Fetch each missing file of a dataset published as separate files (SVHN), checking its md5 before keeping it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in info.train_files + info.test_files:
+        if (folder / f).is_file():
+            continue
+        tmp = folder / f".{f}.part"
+        try:
+            print(f"downloading {info.url}{f} to {folder} ...", flush=True)
+            urllib.request.urlretrieve(info.url + f, tmp)
+            if md5sum(tmp) != CHECKSUMS[name][f]:
+                raise DataError(f"the downloaded file {info.url}{f} has the wrong md5; try again later")
+            os.replace(tmp, folder / f)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _download(root: Path, info: DatasetInfo) -> None:
@@ -107,6 +155,10 @@ def _download(root: Path, info: DatasetInfo) -> None:
 
 def _missing_message(name: str, folder: Path, missing: list[str], why: str = "") -> str:
     info = DATASETS[name]
+    if info.layout == "mat":
+        links = ", ".join(f"{info.url}{f} (md5 {CHECKSUMS[name][f]})" for f in info.train_files + info.test_files)
+        return (f"{name}: missing {', '.join(missing)} in {folder}.{why}\n"
+                f"Download {links} into {folder} and point --data-dir (or $SMALLVIT_DATA) at {folder.parent}.")
     return (
         f"{name}: missing {', '.join(missing)} in {folder}.{why}\n"
         f"Download {info.url} (md5 {info.archive_md5}), unpack it so that {folder} holds the official files, "
@@ -122,7 +174,10 @@ def verify(name: str, root: Path, download: bool = True) -> Path:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing and download:
         try:
-            _download(folder.parent, info)
+            if info.layout == "mat":
+                _download_files(folder, info, name)
+            else:
+                _download(folder.parent, info)
         except DataError:
             raise
         except Exception as e:  # no network, refused, disk full: say so, do not hide it
@@ -148,17 +203,136 @@ def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An SVHN .mat file: X (32, 32, 3, N) uint8, y (N, 1) in 1..10 where 10 is the digit 0 (as torchvision)."""
+    from scipy.io import loadmat
+
+    d = loadmat(path)
+    x = np.ascontiguousarray(np.asarray(d["X"], dtype=np.uint8).transpose(3, 2, 0, 1))  # (N, 3, H, W)
+    y = np.asarray(d["y"], dtype=np.int64).reshape(-1) % 10
+    return x, y
+
+
 def load(name: str = "cifar10", data_dir: str = "", download: bool = True, train: bool = True,
-         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (images uint8 (N, 3, 32, 32), labels int64 (N,)) on `device`."""
+         device: torch.device | str = "cpu", img_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (images uint8 (N, 3, H, W), labels int64 (N,)) on `device`; `img_size` only resizes folder data."""
+    if name == FOLDER:
+        x, y, _ = load_folder(resolve_data_dir(data_dir), "train" if train else "val", img_size)
+        return x.to(device), y.to(device)
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, FOLDER])}")
     info = DATASETS[name]
     folder = verify(name, resolve_data_dir(data_dir), download)
-    parts = [_read_batch(folder / f, info.label_key) for f in (info.train_files if train else info.test_files)]
+    files = info.train_files if train else info.test_files
+    read = _read_mat if info.layout == "mat" else functools.partial(_read_batch, label_key=info.label_key)
+    parts = [read(folder / f) for f in files]
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     return x.to(device), y.to(device)
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """What a model trained on a dataset needs to know about it."""
+
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+
+
+def dataset_meta(name: str, data_dir: str = "", img_size: int = 32) -> DatasetMeta:
+    """Classes, names and normalisation of a named dataset, or of the image folder at `data_dir` (name "folder")."""
+    if name == FOLDER:
+        root = resolve_data_dir(data_dir)
+        x, _, classes = load_folder(root, "train", img_size)
+        mean, std = folder_stats(root, x)
+        return DatasetMeta(len(classes), mean, std, classes)
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, FOLDER])}")
+    info = DATASETS[name]
+    names = CLASS_NAMES.get(name, tuple(str(i) for i in range(info.num_classes)))
+    return DatasetMeta(info.num_classes, info.mean, info.std, names)
+
+
+def image_to_uint8(img, size: int) -> np.ndarray:
+    """A PIL image -> uint8 (3, size, size): converted to RGB, resized (bilinear, antialiased) to size x size."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _folder_files(root: Path, split: str, classes: tuple[str, ...] | None = None
+                  ) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
+    """Class names (sorted sub-folder names of the train split) and (file, label) pairs of one split."""
+    base = root / split
+    if not base.is_dir():
+        raise DataError(
+            f"folder dataset: {base} does not exist. Arrange your images as {root}/train/<class>/*.png and "
+            f"{root}/val/<class>/*.png (any of {', '.join(IMAGE_SUFFIXES)}) and set data.data_dir={root}."
+        )
+    found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = tuple(found)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"folder dataset: {base} has classes {unknown} that {root}/train does not have")
+    files = []
+    for label, c in enumerate(classes):
+        d = base / c
+        imgs = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if d.is_dir() else []
+        if not imgs and split == "train":
+            raise DataError(f"folder dataset: class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += [(p, label) for p in imgs]
+    if not classes or not files:
+        raise DataError(f"folder dataset: no class folders with images in {base}")
+    return classes, files
+
+
+def load_folder(root: Path, split: str = "train", img_size: int = 32
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """An ImageFolder split as (uint8 (N, 3, img_size, img_size), int64 labels, class names); classes from train/."""
+    root = Path(root)
+    classes, _ = _folder_files(root, "train")
+    _, files = _folder_files(root, split, classes)
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p, _ in files)
+    x, y = _read_folder(stamp, tuple(lab for _, lab in files), img_size)
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.copy()), classes  # the cache keeps its own arrays
+
+
+@functools.lru_cache(maxsize=4)  # train() and dataset_meta() both read the train split: decode it once
+def _read_folder(stamp: tuple, labels: tuple[int, ...], img_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    x = np.empty((len(stamp), 3, img_size, img_size), dtype=np.uint8)
+    for i, (path, _, _) in enumerate(stamp):
+        try:
+            with Image.open(path) as img:
+                x[i] = image_to_uint8(img, img_size)
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"folder dataset: cannot read image {path}: {e}") from None
+    x.flags.writeable = False
+    return x, np.asarray(labels, dtype=np.int64)
+
+
+def folder_stats(root: Path, x_uint8: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std in [0, 1] units: from root/stats.json ({"mean": [..], "std": [..]}) when given,
+    else computed from the training images."""
+    given = Path(root) / "stats.json"
+    if given.is_file():
+        try:
+            d = json.loads(given.read_text())
+            mean, std = tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{given} must hold {{\"mean\": [r, g, b], \"std\": [r, g, b]}} ({e})") from None
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise DataError(f"{given}: mean and std need 3 values each, std > 0")
+        return mean, std
+    x = x_uint8.double().div(255.0).transpose(0, 1).reshape(3, -1)  # (3, N*H*W)
+    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
 
 
 def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,9 @@ fixed 2-D sin-cos position embedding. Whitening init of the patch embedding live
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
 
 from .config import ModelConfig
 
@@ -48,8 +48,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.kv_shared = kv_shared
-        full = lambda: nn.Linear(dim, dim, bias=qkv_bias)  # noqa: E731
-        low = lambda: LowRankLinear(dim, latent_dim, qkv_bias)  # noqa: E731
+        full = lambda: nn.Linear(dim, dim, bias=qkv_bias)
+        low = lambda: LowRankLinear(dim, latent_dim, qkv_bias)
         self.q = low() if "q" in latent else full()
         if kv_shared:  # one latent for k and v: down once, then two up-projections
             self.kv_down = nn.Linear(dim, latent_dim, bias=False)

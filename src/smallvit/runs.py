@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -34,10 +35,8 @@ def atomic_write_bytes(path: Path, write) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise CheckpointError(
-                f"could not write {path}: {e.strerror or e}. The previous file (if any) is unchanged; "
-                f"free some disk space or choose another --out folder, then --resume."
-            ) from None
+            raise CheckpointError(f"could not write {path}: {e.strerror or e}. The previous file (if any) is "
+                                  f"unchanged; {_advice(e)}") from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -45,6 +44,20 @@ def atomic_write_bytes(path: Path, write) -> None:
         os.close(dfd)
     except OSError:
         pass
+
+
+def _advice(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some disk space (or choose another --out folder), then run the same command with --resume."
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable or choose another --out folder."
+    return "fix the cause, then run the same command with --resume."
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete temporary files left by a write that was killed (SIGKILL, power loss) before its rename."""
+    for p in Path(folder).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -65,7 +78,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"no checkpoint at {path}; pass a run folder or a {CHECKPOINT} file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (whatever torch raises for a bad file, the user gets one clear line)
         raise CheckpointError(
             f"{path} is not a readable smallvit checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"It may be truncated or from another program; use another checkpoint or start a new run."
@@ -102,8 +115,10 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, source: str = "ch
 def git_info() -> dict:
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
+                             check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True,
+                               timeout=5, check=False)
         if sha.returncode == 0:
             return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
@@ -143,7 +158,7 @@ class Records:
         self.tb = None
         if self.enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(out_dir / "metrics.jsonl", "a")
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115  (open for the whole run)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -179,3 +194,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut by a kill
             continue
     return out
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric lines written after `step` (the checkpoint a run resumes from), so the record has no duplicates.
+
+    Rewritten atomically: a kill during the rewrite leaves the old file, never a shorter one.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+        atomic_write_bytes(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))

@@ -1,4 +1,11 @@
-"""One training function, read top to bottom: setup, a step-based loop, evaluation, records."""
+"""One training function, read top to bottom: setup, a step-based loop, evaluation, records.
+
+Reliability (docs/reliability.md): checkpoints are written atomically at evaluations, every
+`train.checkpoint_every_steps` steps and on SIGINT/SIGTERM, and a resumed run repeats the uninterrupted one
+exactly on CPU, because the data order, the augmentation and the drop-path randomness are pure functions of
+(seed, rank, step). Under torchrun every rank takes a contiguous slice of each global batch of
+`train.batch_size` images; the learning rate is for that global batch (no scaling with the number of processes).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,11 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -19,12 +28,24 @@ from .augment import BatchAugment
 from .config import Config, ConfigError, diff, to_dict
 from .model import build_model, count_params, flops_per_image
 from .optim import build_optimizer, schedule_factor, set_lr
-from .runs import (CHECKPOINT, CheckpointError, Records, atomic_write_json, environment, load_checkpoint,
-                   load_model_state, read_metrics, save_checkpoint)
+from .runs import (
+    CHECKPOINT,
+    CheckpointError,
+    Records,
+    atomic_write_json,
+    environment,
+    load_checkpoint,
+    load_model_state,
+    remove_stale_temps,
+    save_checkpoint,
+    truncate_metrics,
+)
 
-# Keys that may differ between a checkpoint and the resuming config (they do not change the result).
+# Keys that may differ between a checkpoint and the resuming config (they do not change the result, or, for
+# on_nonfinite, only decide what happens after a fault: the documented fix is to resume with skip).
 RESUME_FREE_KEYS = {"train.max_steps", "train.progress", "train.log_every_steps", "train.device", "train.threads",
-                    "train.compile", "data.data_dir", "data.download"}
+                    "train.compile", "train.checkpoint_every_steps", "train.on_nonfinite", "data.data_dir",
+                    "data.download"}
 
 
 class TrainingError(RuntimeError):
@@ -70,40 +91,78 @@ def evaluate(model, x_test, y_test, mean, std, batch_size: int = 500, autocast=c
 
 
 def _dist_setup(device_cfg: str):
-    """torchrun: NCCL on GPUs, gloo on CPU. Returns (rank, world_size, device)."""
+    """torchrun: NCCL on GPUs, gloo on CPU. Returns (rank, world_size, device, whether we created the group)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, resolve_device(device_cfg)
+        return 0, 1, resolve_device(device_cfg), False
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_cfg.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device_cfg} but CUDA is not available; use train.device=cpu or auto")
     use_cuda = torch.cuda.is_available() and device_cfg != "cpu"
+    if use_cuda and local >= torch.cuda.device_count():
+        raise ConfigError(f"local rank {local} but only {torch.cuda.device_count()} GPUs on this node; "
+                          f"use torchrun --nproc_per_node={torch.cuda.device_count()} or fewer")
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
+    return rank, world, device, created
 
 
 def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train `cfg`; write records to `out_dir` (default: a deterministic folder under runs/); return the result.
 
     The result dict holds the final and best test accuracy, steps, wall time, throughput, params and FLOPs.
+    SIGINT/SIGTERM finish the current step, write a checkpoint and return with status "interrupted".
     """
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] and signum == signal.SIGINT:  # a second Ctrl-C: stop now (the checkpoint stays intact)
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    created_group = False
+    try:
+        rank, world, device, created_group = _dist_setup(cfg.train.device)
+        return _train(cfg, out_dir, resume, rank, world, device, stop)
+    except OSError as e:  # a full disk or a permission problem outside the checkpoint writer: one line, no traceback
+        raise TrainingError(f"{e.filename or 'I/O error'}: {e.strerror or e}. Checkpoints already written are "
+                            f"intact; fix the cause and run the same command with --resume.") from None
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: torch.device, stop: dict) -> dict:
     t, m, o, a = cfg.train, cfg.model, cfg.optim, cfg.aug
-    rank, world, device = _dist_setup(t.device)
     main = rank == 0
     if t.threads > 0:
         torch.set_num_threads(t.threads)
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be divisible by the "
+                          f"{world} processes; choose a multiple of {world}")
+    every = getattr(t, "checkpoint_every_steps", 0)  # 0: checkpoints only at evaluations and signals
     out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     ckpt_path = out / CHECKPOINT
-    if main and not resume and (ckpt_path.exists() or (out / "result.json").exists()):
-        raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    finished = _on_rank0(lambda: _check_run_folder(out, cfg, resume), world)
+    if finished is not None:  # resuming a run that already ended: nothing to do, and its records stay as they are
+        return finished
 
-    # ---- data: the whole dataset as uint8 on the device
-    info = D.DATASETS[cfg.data.dataset]
+    # ---- data: the whole dataset as uint8 on the device (each rank reads its own copy)
+    info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, m.img_size)  # num_classes, mean, std, class_names
     if m.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes={m.num_classes} but {cfg.data.dataset} has {info.num_classes} classes")
-    x_train, y_train = D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=True, device=device)
-    x_test, y_test = D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=False, device=device)
+    (x_train, y_train), (x_test, y_test) = _on_every_rank(lambda: (
+        D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=True, device=device,
+               img_size=m.img_size),
+        D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=False, device=device,
+               img_size=m.img_size)), world)
     if cfg.data.subset:
         x_train, y_train = x_train[: cfg.data.subset], y_train[: cfg.data.subset]
     if cfg.data.test_subset:
@@ -137,28 +196,27 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    # ---- resume
-    step, best_acc, history = 0, 0.0, []
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        changed = {k: v for k, v in diff(cfg, _config_from(state)).items() if k not in RESUME_FREE_KEYS}
-        if changed:
-            raise CheckpointError(f"{ckpt_path} was written with a different config ({changed}); "
-                                  f"resume with the same settings or start a new --out folder")
+    # ---- resume: rank 0 reads the checkpoint and sends it to the others (no shared filesystem needed)
+    step, best_acc, history, prior = 0, 0.0, [], {}
+    state = _on_rank0(lambda: _read_resume_state(ckpt_path, cfg) if resume and ckpt_path.is_file() else None, world)
+    if state is not None:
         load_model_state(model, state["model"], str(ckpt_path))
         opt.load_state_dict(state["optimizer"])
         step, best_acc, history = state["step"], state["best_acc"], state.get("history", [])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        if main:
-            _truncate_metrics(out, step)
+        prior = {k: state.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds")}
+        del state
+    last_saved = step if resume and step else None
+    if main:
+        remove_stale_temps(out)  # left by a write that a SIGKILL cut short; the renamed files are all complete
+        if resume:
+            truncate_metrics(out, step)
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                               else None)
     fwd = torch.compile(ddp_model) if t.compile else ddp_model
-    augment = BatchAugment(a, info.mean, info.std, m.num_classes, t.label_smoothing, device, seed=t.seed + rank)
+    augment = BatchAugment(a, info.mean, info.std, m.num_classes, t.label_smoothing, device,
+                           seed=_rank_seed(t.seed, rank))
 
     # ---- records
     records = Records(out, enabled=main)
@@ -168,19 +226,15 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
         atomic_write_json(out / "env.json", environment(device))
 
     def checkpoint():
-        if main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best_acc": best_acc,
-                "history": history, "config": to_dict(cfg), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            })
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        if not finite:  # never replace the last good checkpoint with broken weights
+            raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, what="weights"))
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best_acc": best_acc,
+            "history": history, "config": to_dict(cfg), "train_seconds": timed, "train_images": seen,
+            "wall_seconds": wall_before + time.perf_counter() - wall_start,
+        })
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     bar = None
     if main and t.progress:
         from tqdm import tqdm
@@ -190,7 +244,8 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
     # ---- the loop
     per_rank = t.batch_size // world
     loss_sum = torch.zeros((), device=device)
-    loss_count, seen, timed, timer_start = 0, 0, 0.0, None
+    loss_count, timer_start, stopping = 0, None, False
+    timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
     wall_start = time.perf_counter()
     epoch_cache = (-1, None)
     try:
@@ -199,7 +254,10 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
             if epoch_cache[0] != epoch:  # the sample order is a pure function of (seed, epoch)
                 epoch_cache = (epoch, D.epoch_indices(n, epoch, t.seed, a.repeats, a.repeat_mode, t.batch_size)
                                .to(device))
-            idx = epoch_cache[1][i * t.batch_size : (i + 1) * t.batch_size][rank * per_rank : (rank + 1) * per_rank]
+            # A contiguous slice of the global batch, so in_batch repeats of an image stay on one rank.
+            start = i * t.batch_size + rank * per_rank
+            idx = epoch_cache[1][start : start + per_rank]
+            torch.manual_seed(_step_seed(t.seed, rank, step))  # drop path: a pure function of (seed, rank, step)
             lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
             xb, tb = augment(x_train[idx], y_train[idx], step)
             with autocast():
@@ -209,12 +267,13 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
             loss.backward()
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            check_now = device.type == "cpu" or t.on_nonfinite == "skip"
-            if check_now and not torch.isfinite(loss):
+            # Check every step on CPU (free) or when skipping (needed); on GPUs at the next log/checkpoint only.
+            check = device.type == "cpu" or t.on_nonfinite == "skip"
+            if check and _any_rank(~torch.isfinite(loss.detach()), world):
                 if t.on_nonfinite == "stop":
-                    raise TrainingError(_nonfinite_msg(step, ckpt_path))
+                    raise TrainingError(_nonfinite_msg(step + 1, ckpt_path, last_saved))
                 opt.zero_grad(set_to_none=True)
-                records.log(step, event="skipped_nonfinite")
+                records.log(step + 1, event="skipped_nonfinite")
             else:
                 opt.step()
                 loss_sum += loss.detach()
@@ -227,46 +286,57 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
                 seen += t.batch_size
             if bar is not None:
                 bar.update(1)
-            if step % t.log_every_steps == 0 or step == last_step:
-                avg = loss_sum.item() / max(loss_count, 1)  # one host sync per log interval, not per step
-                if not math.isfinite(avg):
-                    raise TrainingError(_nonfinite_msg(step, ckpt_path, before=True))
-                _sync(device)
-                elapsed = timed + (time.perf_counter() - timer_start if timer_start else 0.0)
-                ips = seen / elapsed if elapsed > 0 else 0.0
-                records.log(step, loss=avg, lr=lr, img_per_s=ips, epoch=step / spe)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                loss_sum.zero_()
-                loss_count = 0
-            if step in eval_steps or stop["signal"]:
-                if timer_start is not None:  # evaluation time is not training time
+            log_now = step % t.log_every_steps == 0 or step == last_step
+            save_now = step in eval_steps or (every > 0 and step % every == 0)
+            stopping = world == 1 and stop["signal"] is not None
+            if log_now or save_now:  # one host sync; under torchrun the ranks agree here on stopping
+                flags = torch.tensor([float(loss_count), float(stop["signal"] is not None)], device=device)
+                stats = torch.cat([loss_sum.view(1), flags])
+                if world > 1:
+                    dist.all_reduce(stats)
+                total, count, signalled = stats.tolist()
+                if not math.isfinite(total):
+                    raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, before=True))
+                stopping = signalled > 0
+                if log_now:
+                    _sync(device)
+                    avg = total / max(count, 1)
+                    elapsed = timed + (time.perf_counter() - timer_start if timer_start else 0.0)
+                    ips = seen / elapsed if elapsed > 0 else 0.0
+                    records.log(step, loss=avg, lr=lr, img_per_s=ips, epoch=step / spe)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                    loss_sum.zero_()
+                    loss_count = 0
+            if save_now or stopping:
+                if timer_start is not None:  # evaluation and checkpoint time is not training time
                     _sync(device)
                     timed += time.perf_counter() - timer_start
-                if step in eval_steps and main:
-                    acc, test_loss = evaluate(model, x_test, y_test, mean, std, autocast=autocast)
+                if step in eval_steps:  # rank 0 evaluates; the others wait for its numbers
+                    acc, test_loss = _on_rank0(lambda: evaluate(model, x_test, y_test, mean, std, autocast=autocast),
+                                               world)
                     best_acc = max(best_acc, acc)
                     history.append({"step": step, "epoch": step / spe, "test_acc": acc})
                     records.log(step, test_acc=acc, test_loss=test_loss, epoch=step / spe)
                     if bar is not None:
                         bar.write(f"step {step} epoch {step / spe:.2f}: test acc {acc:.2f}%  loss {test_loss:.4f}")
-                checkpoint()
+                _on_rank0(checkpoint, world)
+                last_saved = step
                 if timer_start is not None:
                     timer_start = time.perf_counter()
-                if stop["signal"]:
+                if stopping:
                     if bar is not None:
-                        bar.write(f"{stop['signal']}: checkpoint saved at step {step}; continue with --resume")
+                        bar.write(f"{stop['signal'] or 'a signal to another rank'}: checkpoint saved at step "
+                                  f"{step}; continue with --resume")
                     break
     finally:
         if bar is not None:
             bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
         records.close()
 
     final_acc = history[-1]["test_acc"] if history else float("nan")
     result = {
-        "status": "interrupted" if stop["signal"] else ("done" if step >= total_steps else "stopped_at_max_steps"),
+        "status": "interrupted" if stopping else ("done" if step >= total_steps else "stopped_at_max_steps"),
         "final_test_acc": final_acc,
         "best_test_acc": best_acc,
         "step": step,
@@ -274,7 +344,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
         "epochs_done": step / spe,
         "train_img_per_s": seen / timed if timed > 0 else None,
         "train_seconds": timed,
-        "wall_seconds": time.perf_counter() - wall_start,
+        "wall_seconds": wall_before + time.perf_counter() - wall_start,
         "params": n_params,
         "flops_per_image": flops,
         "device": environment(device)["device"],
@@ -283,8 +353,8 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
         "run_dir": str(out),
         "overrides": diff(cfg),
     }
-    if main and not stop["signal"]:
-        atomic_write_json(out / "result.json", result)
+    if not stopping:
+        _on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
     return result
 
 
@@ -293,20 +363,121 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _nonfinite_msg(step: int, ckpt: Path, before: bool = False) -> str:
-    where = f"in the steps before step {step}" if before else f"at step {step}"
-    return (f"non-finite loss {where}; training stopped. The last good checkpoint is {ckpt} (if one was written). "
-            f"Lower optim.lr, set optim.grad_clip, or set train.on_nonfinite=skip to skip such steps.")
+def _rank_seed(seed: int, rank: int) -> int:
+    """The augmentation seed of a rank: the run's seed on rank 0, and streams that no other (seed, rank) shares."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]) + 2**32
 
 
-def _config_from(state: dict) -> Config:
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the global torch RNG (drop path) for one step on one rank, so a resumed run draws the same masks."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _any_rank(flag: torch.Tensor, world: int) -> bool:
+    """True if `flag` (a boolean tensor) is true on any rank."""
+    flag = flag.float()
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+# Errors that a rank raises with the message rank 0 gave, so every process prints the same clear line.
+_ERRORS = {c.__name__: c for c in (ConfigError, D.DataError, CheckpointError, TrainingError)}
+
+
+def _on_rank0(fn, world: int):
+    """Run fn on rank 0 only (files, evaluation) and give its result, or its error, to every rank.
+
+    Without this the other ranks would wait in their next collective until a timeout when rank 0 fails.
+    """
+    if world == 1:
+        return fn()
+    payload = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            payload = [("ok", fn())]
+        except Exception as e:  # noqa: BLE001  (any failure on rank 0 must reach the other ranks)
+            error = e
+            payload = [("error", type(e).__name__, str(e))]
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if payload[0][0] == "error":
+        raise _ERRORS.get(payload[0][1], TrainingError)(payload[0][2])
+    return payload[0][1]
+
+
+def _on_every_rank(fn, world: int):
+    """Run fn on every rank; if it fails on any rank, fail on all of them instead of leaving the others waiting."""
+    error, value = None, None
+    try:
+        value = fn()
+    except Exception as e:  # noqa: BLE001  (any failure on one rank must reach the other ranks)
+        error = e
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, msg) for r, msg in enumerate(errors) if msg]
+        if failed and error is None:
+            raise TrainingError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    if error is not None:
+        raise error
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e}); move the run folder aside and start a new run") from None
+
+
+def _check_same_config(cfg: Config, saved: dict, source: Path) -> None:
     from .config import from_dict
 
-    return from_dict(state["config"])
+    try:
+        old = from_dict(saved)
+    except ConfigError as e:
+        raise CheckpointError(f"{source} holds a config this version cannot read ({str(e).splitlines()[0]}); "
+                              f"start a new --out folder") from None
+    changed = {k: v for k, v in diff(cfg, old).items() if k not in RESUME_FREE_KEYS}
+    if changed:
+        raise CheckpointError(f"{source} was written with a different config ({changed}); "
+                              f"resume with the same settings or start a new --out folder")
 
 
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from, so the record has no duplicates."""
-    rows = [r for r in read_metrics(out) if r.get("step", 0) <= step]
-    with open(out / "metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+def _check_run_folder(out: Path, cfg: Config, resume: bool) -> dict | None:
+    """Refuse to mix two runs in one folder; when resuming a run that has ended, return its result."""
+    held = [f for f in (CHECKPOINT, "result.json", "metrics.jsonl") if (out / f).is_file() and (out / f).stat().st_size]
+    if not resume:
+        if held:
+            raise CheckpointError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it "
+                                  f"or choose another --out")
+        return None
+    if (out / "config.json").is_file():
+        _check_same_config(cfg, _read_json(out / "config.json"), out / "config.json")
+    if (out / "result.json").is_file():
+        done = _read_json(out / "result.json")
+        if done.get("status") == "done" or (cfg.train.max_steps and done.get("step", 0) >= cfg.train.max_steps):
+            return done
+    return None
+
+
+def _read_resume_state(path: Path, cfg: Config) -> dict:
+    state = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "step", "best_acc") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)}: it holds weights only and cannot be resumed; "
+                              f"start a new --out folder")
+    _check_same_config(cfg, state["config"], path)
+    return state
+
+
+def _nonfinite_msg(step: int, ckpt: Path, last_saved: int | None, before: bool = False, what: str = "loss") -> str:
+    where = f"in the steps up to step {step}" if before else f"at step {step}"
+    kept = (f"{ckpt} (step {last_saved}) is unchanged" if last_saved is not None
+            else "no checkpoint had been written yet")
+    return (f"non-finite {what} {where}; training stopped and {kept}. "
+            f"Lower optim.lr or set optim.grad_clip (new --out folder), or resume with train.on_nonfinite=skip "
+            f"to skip such steps.")

@@ -9,8 +9,8 @@ whitened channels have zero mean and identity covariance on the data they were f
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .data import normalize
 

@@ -1,0 +1,159 @@
+"""Throughput of the batched training augmentation against the reference's per-image PIL pipeline.
+
+Compares, side by side in one run on the current device:
+  * smallvit.augment.BatchAugment with the default AugConfig (flip, pad-4 crop, CIFAR-10 AutoAugment, normalise,
+    Random Erasing, Mixup/CutMix, label smoothing) on uint8 batches already on the device;
+  * the standard torchvision pipeline, image by image on PIL images in a plain loop (single process): RandomCrop(32,
+    padding=4), RandomHorizontalFlip, AutoAugment(CIFAR10), ToTensor, Normalize, RandomErasing; the PIL conversion
+    of each image is timed too, as a torchvision dataset does it in __getitem__;
+  * optionally the same per-image pipeline in a DataLoader with worker processes (the reference's set-up).
+
+Usage: python benchmarks/bench_augment.py [--device cpu|cuda] [--threads 1] [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from smallvit import augment, data
+from smallvit.config import AugConfig
+
+MEAN, STD = data.DATASETS["cifar10"].mean, data.DATASETS["cifar10"].std
+
+
+def load_images(data_dir: str, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The first n CIFAR-10 training images if present under data_dir, else random uint8 images."""
+    try:
+        x, y = data.load("cifar10", data_dir=data_dir, download=False, train=True)
+        return x[:n].contiguous(), y[:n].contiguous(), f"CIFAR-10 train ({data_dir})"
+    except data.DataError:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+        return x, torch.randint(0, 10, (n,), generator=g), "random uint8 (CIFAR-10 not found)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_batched(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device) -> float:
+    """img/s of BatchAugment over `steps` batches (after 3 warm-up batches), inputs already on the device."""
+    aug = augment.BatchAugment(AugConfig(), MEAN, STD, num_classes=10, label_smoothing=0.1, device=device, seed=0)
+    x, y = x.to(device), y.to(device)
+    nb = x.shape[0] // batch
+
+    def run(step: int) -> None:
+        i = step % nb
+        aug(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch], step)
+
+    for s in range(3):
+        run(s)
+    sync(device)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        run(s)
+    sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def pil_pipeline() -> T.Compose:
+    """The reference's per-image training transform (SPEC 5.3), built from standard torchvision parts."""
+    return T.Compose([
+        T.RandomCrop(32, padding=4),
+        T.RandomHorizontalFlip(),
+        T.AutoAugment(T.AutoAugmentPolicy.CIFAR10, fill=[128, 128, 128]),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+        T.RandomErasing(p=0.25, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=list(MEAN)),
+    ])
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """uint8 CHW images served as PIL images through a transform, like torchvision's CIFAR10 dataset."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y, self.tf = x.permute(0, 2, 3, 1).contiguous().numpy(), y.numpy(), pil_pipeline()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.tf(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def bench_pil_loop(x: torch.Tensor, n: int) -> float:
+    """img/s of the per-image pipeline in a plain loop in this process."""
+    ds = PILDataset(x[:n], torch.zeros(n, dtype=torch.long))
+    for i in range(20):  # warm-up
+        ds[i]
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds[i]
+    return n / (time.perf_counter() - t0)
+
+
+def bench_loader(x: torch.Tensor, y: torch.Tensor, batch: int, workers: int, batches: int) -> float:
+    """img/s of a DataLoader with `workers` processes running the per-image pipeline (first batch not timed)."""
+    n = min(x.shape[0], batch * (batches + 1))
+    loader = torch.utils.data.DataLoader(PILDataset(x[:n], y[:n]), batch_size=batch, shuffle=True,
+                                         num_workers=workers, drop_last=True, persistent_workers=False)
+    it = iter(loader)
+    next(it)  # worker start-up is not throughput
+    t0 = time.perf_counter()
+    count = sum(xb.shape[0] for xb, _ in it)
+    return count / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for this process (default 1)")
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=100, help="timed batches for BatchAugment")
+    p.add_argument("--pil-images", type=int, default=8000, help="images for the per-image PIL loop")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers; 0 skips that row")
+    p.add_argument("--loader-batches", type=int, default=30, help="timed DataLoader batches")
+    p.add_argument("--out", default="", help="also write the Markdown table to this file")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    n = max(args.batch_size * 8, args.pil_images, args.batch_size * (args.loader_batches + 1))
+    x, y, source = load_images(args.data_dir, n)
+
+    rows = []
+    pil = bench_pil_loop(x, min(args.pil_images, x.shape[0]))
+    rows.append(("torchvision per-image PIL loop (1 process)", pil))
+    if args.loader_workers > 0:
+        rate = bench_loader(x, y, args.batch_size, args.loader_workers, args.loader_batches)
+        rows.append((f"torchvision per-image PIL, DataLoader ({args.loader_workers} workers)", rate))
+    rows.append((f"smallvit BatchAugment, batch {args.batch_size} on {device.type}",
+                 bench_batched(x, y, args.batch_size, args.steps, device)))
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    title = (f"Augmentation throughput on {device} ({name}), torch {torch.__version__}, "
+             f"{args.threads} torch thread(s), data: {source}.")
+    note = ("Speed-up is relative to the per-image PIL loop. BatchAugment also does Mixup/CutMix and label "
+            "smoothing; the PIL pipeline stops at Random Erasing (batch mixing costs little either way).")
+    lines = [title, "", "| pipeline | img/s | speed-up |", "|---|---:|---:|"]
+    lines += [f"| {label} | {rate:,.0f} | {rate / pil:.1f}x |" for label, rate in rows]
+    lines += ["", note]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,101 @@
+"""Training throughput (img/s) on the current device: model-only step vs full step, per preset.
+
+model-only: forward + backward + optimiser step on an already-normalised batch.
+full:       the same plus the batched augmentation (crop/flip, AutoAugment, erasing, mixing) from uint8 data.
+Timing is honest: warm-up steps are excluded and the device is synchronised before reading the clock.
+
+    python benchmarks/bench_train.py --presets baseline quick --steps 10 --out benchmarks/results/train_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from smallvit.augment import BatchAugment
+from smallvit.config import make_config, parse_overrides
+from smallvit.data import DATASETS
+from smallvit.model import build_model, count_params, flops_per_image
+from smallvit.optim import build_optimizer
+from smallvit.runs import device_name
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench(preset: str, overrides: dict, steps: int, warmup: int, dev: torch.device, batch: int | None):
+    cfg = make_config(preset, overrides)
+    B = batch or cfg.train.batch_size
+    info = DATASETS[cfg.data.dataset]
+    model = build_model(cfg.model).to(dev)
+    opt = build_optimizer(model, cfg.optim, dev)
+    aug = BatchAugment(cfg.aug, info.mean, info.std, cfg.model.num_classes, cfg.train.label_smoothing, dev)
+    bf16 = dev.type == "cuda"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x_u8 = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=g).to(dev)
+    y = torch.randint(0, cfg.model.num_classes, (B,), generator=g).to(dev)
+    x_f, t_f = aug(x_u8, y, 0)
+
+    def step(i, full):
+        xb, tb = aug(x_u8, y, i) if full else (x_f, t_f)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(xb)
+        loss = torch.sum(-tb * F.log_softmax(logits.float(), 1), 1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def aug_only(i):
+        aug(x_u8, y, i)
+
+    out = {}
+    for name, fn in (("model-only", lambda i: step(i, False)), ("full", lambda i: step(i, True)),
+                     ("augment-only", aug_only)):
+        for i in range(warmup):
+            fn(i)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            fn(i)
+        _sync(dev)
+        out[name] = steps * B / (time.perf_counter() - t0)
+    return cfg, B, count_params(model), flops_per_image(model), out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["baseline", "quick"])
+    p.add_argument("--set", nargs="*", default=[], help="overrides applied to every preset")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    rows = ["| preset | params | GFLOP/img (fwd) | batch | model-only img/s | full step img/s | augment-only img/s "
+            "| augment share of step |", "|---|---|---|---|---|---|---|---|"]
+    for preset in a.presets:
+        cfg, B, n, fl, r = bench(preset, parse_overrides(a.set), a.steps, a.warmup, dev, a.batch)
+        share = 1 - r["full"] / r["model-only"]
+        rows.append(f"| {preset} | {n:,} | {fl / 1e9:.3f} | {B} | {r['model-only']:.0f} | {r['full']:.0f} | "
+                    f"{r['augment-only']:.0f} | {100 * share:.1f}% |")
+    table = "\n".join(rows)
+    head = f"Training throughput on {device_name(dev)}, torch {torch.__version__}\n\n"
+    print(head + table)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(head + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Studies: a named list of ablations x seeds, one run folder each, restartable at any time.
+
+Layout: <root>/<study>/<ablation>/seed<k>/ (a normal run folder) plus <root>/<study>/study.json.
+A run with result.json is skipped; a run with only a checkpoint is resumed; anything else starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .config import ABLATIONS, Config, ConfigError, make_config
+from .runs import CHECKPOINT, atomic_write_json
+
+STUDIES: dict[str, list[str]] = {
+    "augmentation": ["baseline", "-aa", "-mixup", "-cutmix"],
+    "patch": ["baseline", "sin", "whiten"],
+    "mla": ["baseline", "mla-q", "mla-k", "mla-qk", "mla-kv", "mla-qkv"],
+    "cls": ["baseline", "cls2", "cls4", "cls8", "cls1-ca2", "cls2-ca2", "cls4-ca2", "cls8-ca2"],
+    "optim": ["baseline", "bs1024", "lion-bs1024", "lion", "muon"],
+    # Every column of the reference README table (SPEC section 4).
+    "paper": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "whiten", "mla-qkv", "mla-kv", "mla-qk", "mla-q",
+              "mla-k", "bs1024", "lion-bs1024"],
+    "all": list(ABLATIONS),
+    # The CPU mini-study of the README: one or two ablations from each group of the paper's table.
+    "mini": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "mla-qkv", "cls4-ca2"],
+}
+
+
+def scaled(cfg: Config, budget: float) -> Config:
+    """The same recipe at `budget` x the epochs (warm-up scaled alike, kept shorter than the run)."""
+    if budget == 1.0:
+        return cfg
+    if budget <= 0:
+        raise ConfigError(f"--budget must be positive, got {budget}")
+    epochs = max(1, round(cfg.train.epochs * budget))
+    warmup = min(round(cfg.optim.warmup_epochs * budget), epochs - 1)
+    evals = max(1, min(cfg.train.eval_every_epochs, epochs)) if cfg.train.eval_every_epochs else 0
+    return make_config_from(cfg, {"train.epochs": epochs, "optim.warmup_epochs": warmup,
+                                  "train.eval_every_epochs": evals})
+
+
+def make_config_from(cfg: Config, overrides: dict) -> Config:
+    from .config import apply_overrides
+
+    return apply_overrides(cfg, overrides)
+
+
+def plan(study: str, seeds: int, preset: str = "baseline", budget: float = 1.0,
+         overrides: dict | None = None) -> list[tuple[str, int, Config]]:
+    """(ablation, seed, config) for every run of the study."""
+    if study not in STUDIES:
+        raise ConfigError(f"unknown study {study!r}; choose from: {', '.join(STUDIES)}")
+    runs = []
+    for name in STUDIES[study]:
+        cfg = scaled(make_config(preset, overrides, ablation=name), budget)
+        for seed in range(seeds):
+            runs.append((name, seed, make_config_from(cfg, {"train.seed": seed})))
+    return runs
+
+
+def run_state(folder: Path) -> str:
+    if (folder / "result.json").is_file():
+        return "done"
+    if (folder / CHECKPOINT).is_file():
+        return "partial"
+    return "new"
+
+
+def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float = 1.0, root: str | Path = "runs/studies",
+           overrides: dict | None = None, devices: list[str] | None = None, cli_overrides: list[str] | None = None,
+           data_dir: str | None = None) -> list[dict]:
+    """Run (or continue) every run of a study; return one status row per run.
+
+    One device: runs in sequence in this process. Several devices: independent runs side by side, one per
+    device, each in its own `smallvit train` process.
+    """
+    runs = plan(study, seeds, preset, budget, overrides)
+    base = Path(root) / study
+    base.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(base / "study.json", {"study": study, "ablations": STUDIES[study], "seeds": seeds,
+                                            "preset": preset, "budget": budget, "overrides": overrides or {}})
+    todo = []
+    rows = []
+    for name, seed, cfg in runs:
+        folder = base / name / f"seed{seed}"
+        state = run_state(folder)
+        rows.append({"ablation": name, "seed": seed, "folder": str(folder), "state": state})
+        if state != "done":
+            todo.append((name, seed, cfg, folder))
+    print(f"study {study}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run", flush=True)
+    if not devices or len(devices) <= 1:
+        from .train import train
+
+        for name, seed, cfg, folder in todo:
+            if devices:
+                cfg = make_config_from(cfg, {"train.device": devices[0]})
+            print(f"[{name} seed {seed}] {'resuming' if run_state(folder) == 'partial' else 'starting'} {folder}",
+                  flush=True)
+            train(cfg, folder, resume=True)
+    else:
+        def launch(job, device):
+            name, seed, _, folder = job
+            cmd = [sys.executable, "-m", "smallvit.cli", "train", "--preset", preset, "--ablation", name,
+                   "--out", str(folder), "--resume", "--set", f"train.seed={seed}", f"train.device={device}",
+                   "train.progress=false", *(cli_overrides or []), *_budget_overrides(runs, name)]
+            if data_dir:
+                cmd += ["--data-dir", data_dir]
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "stdout.log", "a") as log:
+                return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+
+        queue = list(todo)
+        with ThreadPoolExecutor(len(devices)) as pool:
+            def worker(device):
+                codes = []
+                while queue:
+                    codes.append(launch(queue.pop(0), device))
+                    time.sleep(0.1)
+                return codes
+
+            failed = sum(c != 0 for codes in pool.map(worker, devices) for c in codes)
+        if failed:
+            print(f"{failed} runs failed; see stdout.log in their folders, then run the same command again")
+    for r in rows:
+        r["state"] = run_state(Path(r["folder"]))
+    return rows
+
+
+def _budget_overrides(runs, name) -> list[str]:
+    cfg = next(c for n, _, c in runs if n == name)
+    return [f"train.epochs={cfg.train.epochs}", f"optim.warmup_epochs={cfg.optim.warmup_epochs}",
+            f"train.eval_every_epochs={cfg.train.eval_every_epochs}"]
+
+
+def describe(study: str) -> str:
+    return json.dumps({n: ABLATIONS[n] for n in STUDIES[study]})

@@ -1,0 +1,180 @@
+"""Reports generated from run records: Markdown + CSV table, accuracy bars and curves (PNG).
+
+Input: a study folder (<root>/<study>/<ablation>/seed<k>/) or any folder of run folders. Nothing is typed by hand:
+every number comes from result.json / metrics.jsonl / config.json of the runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .config import ABLATIONS, PAPER_RESULTS
+from .runs import read_metrics
+
+
+def collect(folder: Path) -> dict[str, list[dict]]:
+    """{ablation: [run records]} from every result.json below `folder` (group = the run folder's parent name)."""
+    groups: dict[str, list[dict]] = {}
+    for res in sorted(Path(folder).rglob("result.json")):
+        run = res.parent
+        rec = json.loads(res.read_text())
+        rec["run_dir"] = str(run)
+        cfg_file = run / "config.json"
+        rec["seed"] = json.loads(cfg_file.read_text())["train"]["seed"] if cfg_file.is_file() else None
+        name = run.parent.name if run.name.startswith("seed") else run.name
+        groups.setdefault(name, []).append(rec)
+    return groups
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan"))
+
+
+def significance(a: list[float], b: list[float]) -> str:
+    """Welch's t-test of a against b; an honest hint, not a verdict (few seeds, no multiple-test correction)."""
+    if len(a) < 2 or len(b) < 2:
+        return "n<2: untested"
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    if se == 0:
+        return "no variance"
+    t = (ma - mb) / se
+    try:
+        from scipy import stats
+
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
+        return f"p={p:.2g}" + (" *" if p < 0.05 else "")
+    except ImportError:  # scipy is optional: report the t statistic alone
+        return f"t={t:.1f}"
+
+
+def table_rows(groups: dict[str, list[dict]], baseline: str = "baseline") -> list[dict]:
+    base = [r["final_test_acc"] for r in groups.get(baseline, [])]
+    order = [n for n in ABLATIONS if n in groups] + sorted(n for n in groups if n not in ABLATIONS)
+    rows = []
+    for name in order:
+        recs = groups[name]
+        accs = [r["final_test_acc"] for r in recs]
+        m, s = mean_std(accs)
+        delta = m - mean_std(base)[0] if base and name != baseline else None
+        paper = PAPER_RESULTS.get(name)
+        paper_delta = paper - PAPER_RESULTS["baseline"] if paper is not None and name != baseline else None
+        ips = [r["train_img_per_s"] for r in recs if r.get("train_img_per_s")]
+        rows.append({
+            "ablation": name,
+            "diff": json.dumps(ABLATIONS.get(name, recs[0].get("overrides", {}))),
+            "n": len(accs),
+            "acc_mean": m,
+            "acc_std": s,
+            "delta": delta,
+            "significance": significance(accs, base) if delta is not None else "",
+            "paper_acc": paper,
+            "paper_delta": paper_delta,
+            "params": recs[0]["params"],
+            "gflops": recs[0]["flops_per_image"] / 1e9,
+            "img_per_s": sum(ips) / len(ips) if ips else None,
+            "wall_min": sum(r["wall_seconds"] for r in recs) / len(recs) / 60,
+            "device": recs[0]["device"],
+            "seeds": sorted(r["seed"] for r in recs if r.get("seed") is not None),
+        })
+    return rows
+
+
+def _fmt(v, spec):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| ablation | diff from baseline | n | test acc % (mean ± std) | Δ vs baseline | significance | "
+            "paper % | paper Δ | params | GFLOP/img | img/s | wall min/run | device |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        acc = f"{r['acc_mean']:.2f} ± {_fmt(r['acc_std'], '.2f') or '–'}"
+        lines.append(
+            f"| {r['ablation']} | `{r['diff']}` | {r['n']} | {acc} | {_fmt(r['delta'], '+.2f')} | {r['significance']} "
+            f"| {_fmt(r['paper_acc'], '.2f')} | {_fmt(r['paper_delta'], '+.2f')} | {r['params']:,} | "
+            f"{r['gflops']:.3f} | {_fmt(r['img_per_s'], '.0f')} | {r['wall_min']:.1f} | {r['device']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bars(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["ablation"] for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4), dpi=100)
+    ax.bar([i - 0.2 for i in x], [r["acc_mean"] for r in rows], 0.4,
+           yerr=[0 if math.isnan(r["acc_std"]) else r["acc_std"] for r in rows], capsize=3, label="ours (mean ± std)")
+    paper = [(i + 0.2, r["paper_acc"]) for i, r in zip(x, rows) if r["paper_acc"] is not None]
+    if paper:
+        ax.bar([p[0] for p in paper], [p[1] for p in paper], 0.4, label="paper (full recipe)", color="tab:gray")
+    lo = min([r["acc_mean"] for r in rows] + [p[1] for p in paper])
+    hi = max([r["acc_mean"] for r in rows] + [p[1] for p in paper])
+    ax.set_ylim(max(0, lo - 5), min(100, hi + 3))
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for name, recs in groups.items():
+        curves = [[(m["epoch"], m["test_acc"]) for m in read_metrics(Path(r["run_dir"])) if "test_acc" in m]
+                  for r in recs]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        xs = [curves[0][i][0] for i in range(n)]
+        ys = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
+        ax.plot(xs, ys, marker=".", label=f"{name} (n={len(curves)})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(folder: str | Path, out: str | Path | None = None, expected_seeds: int | None = None) -> dict:
+    """Write report.md, report.csv, accuracy.png and curves.png for a study folder; return their paths."""
+    folder = Path(folder)
+    groups = collect(folder)
+    if not groups:
+        raise FileNotFoundError(f"no finished runs (result.json) under {folder}")
+    out = Path(out) if out else folder
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(groups)
+    study = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else {}
+    want = expected_seeds or study.get("seeds")
+    md = markdown(rows)
+    missing = [f"{r['ablation']} ({r['n']}/{want})" for r in rows if want and r["n"] < want]
+    missing += [f"{a} (0/{want})" for a in study.get("ablations", []) if a not in groups]
+    if missing:
+        md += f"\nMissing seeds: {', '.join(missing)}.\n"
+    with open(out / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "report.md").write_text(md)
+    plot_bars(rows, out / "accuracy.png")
+    plot_curves(groups, out / "curves.png")
+    return {"markdown": str(out / "report.md"), "csv": str(out / "report.csv"), "bars": str(out / "accuracy.png"),
+            "curves": str(out / "curves.png"), "rows": rows, "missing": missing, "table": md}

@@ -1,0 +1,91 @@
+import json
+import sys
+
+import pytest
+
+from conftest import smoke_config
+from smallvit.ablate import STUDIES, ablate, plan, scaled
+from smallvit.cli import main
+from smallvit.config import make_config
+from smallvit.report import report
+from smallvit.runs import load_checkpoint
+
+
+@pytest.fixture
+def tiny_study(monkeypatch, fake_cifar):
+    monkeypatch.setitem(STUDIES, "tiny", ["baseline", "-mixup"])
+    overrides = {"data.data_dir": str(fake_cifar), "data.download": False, "data.subset": 0,
+                 "data.test_subset": 0, "train.max_steps": 4, "aug.autoaugment": "none"}
+    return overrides
+
+
+def test_budget_scales_the_recipe():
+    cfg = scaled(make_config("baseline"), 0.1)
+    assert (cfg.train.epochs, cfg.optim.warmup_epochs, cfg.train.eval_every_epochs) == (10, 1, 5)
+    runs = plan("mla", 3, "quick", 0.5)
+    assert len(runs) == 6 * 3 and {r[2].train.epochs for r in runs} == {4}
+    assert {r[2].model.latent for r in runs if r[0] == "mla-qkv"} == {"qkv"}
+
+
+def test_study_skips_finished_and_resumes_killed_runs(tiny_study, tmp_path, monkeypatch):
+    calls = []
+    train_module = sys.modules["smallvit.train"]
+    real_train = train_module.train
+
+    def counting(cfg, out, resume=False):
+        calls.append(str(out))
+        return real_train(cfg, out, resume=resume)
+
+    monkeypatch.setattr(train_module, "train", counting)
+    root = tmp_path / "studies"
+    # A run killed part-way: a checkpoint without result.json.
+    killed = root / "tiny" / "-mixup" / "seed1"
+    part = smoke_config(tiny_study["data.data_dir"], **{**tiny_study, "train.max_steps": 2, "train.seed": 1,
+                                                        "aug.mixup": False})
+    real_train(part, killed)
+    (killed / "result.json").unlink()
+    rows = ablate("tiny", seeds=2, preset="smoke", root=root, overrides=tiny_study)
+    assert len(rows) == 4 and all(r["state"] == "done" for r in rows)
+    assert len(calls) == 4
+    assert load_checkpoint(killed)["step"] == 4  # continued from step 2, not restarted elsewhere
+    calls.clear()
+    ablate("tiny", seeds=2, preset="smoke", root=root, overrides=tiny_study)
+    assert calls == []  # everything finished: nothing runs again
+    ablate("tiny", seeds=3, preset="smoke", root=root, overrides=tiny_study)
+    assert len(calls) == 2 and all(c.endswith("seed2") for c in calls)
+
+
+def _fake_run(folder, acc, seed, params=1000, curve=((1.0, 50.0), (2.0, 60.0))):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"train": {"seed": seed}}))
+    (folder / "result.json").write_text(json.dumps({
+        "final_test_acc": acc, "params": params, "flops_per_image": 2e9, "train_img_per_s": 100.0,
+        "wall_seconds": 60.0, "device": "cpu", "overrides": {}}))
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": int(e * 10), "epoch": e, "test_acc": a}) + "\n" for e, a in curve))
+
+
+def test_report_from_recorded_runs(tmp_path, capsys):
+    study = tmp_path / "augmentation"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"study": "augmentation", "seeds": 3,
+                                                  "ablations": ["baseline", "-aa", "-mixup", "-cutmix"]}))
+    for s, acc in enumerate([90.0, 91.0, 92.0]):
+        _fake_run(study / "baseline" / f"seed{s}", acc, s)
+    for s, acc in enumerate([85.0, 87.0]):
+        _fake_run(study / "-aa" / f"seed{s}", acc, s)
+    _fake_run(study / "-mixup" / "seed0", 91.5, 0)
+    r = report(study)
+    rows = {row["ablation"]: row for row in r["rows"]}
+    assert rows["baseline"]["acc_mean"] == pytest.approx(91.0) and rows["baseline"]["acc_std"] == pytest.approx(1.0)
+    assert rows["-aa"]["acc_mean"] == pytest.approx(86.0) and rows["-aa"]["delta"] == pytest.approx(-5.0)
+    assert rows["-aa"]["paper_acc"] == 92.14 and rows["-aa"]["paper_delta"] == pytest.approx(92.14 - 93.65)
+    assert rows["-mixup"]["significance"].startswith("n<2")
+    assert "-aa (2/3)" in r["missing"] and "-cutmix (0/3)" in r["missing"]
+    md = (study / "report.md").read_text()
+    assert "| -aa |" in md and "86.00 ± 1.41" in md and "Missing seeds" in md
+    assert (study / "report.csv").read_text().count("\n") == 4
+    for png in ("accuracy.png", "curves.png"):
+        assert (study / png).stat().st_size > 5000
+    assert main(["report", str(study)]) == 0 and "| baseline |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "empty")]) == 2
