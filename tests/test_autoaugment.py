@@ -17,6 +17,15 @@ from smallvit import autoaugment as A
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are small: extra intra-op threads only add barriers, which thrash on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def images(n: int, size: int = 32, channels: int = 3, seed: int = 0) -> torch.Tensor:
     """Smooth random images plus noise: geometric ops move real structure, pixel ops see a full value range."""
     g = torch.Generator().manual_seed(seed)
@@ -60,7 +69,7 @@ def test_policies_are_well_formed():
     assert A.POLICIES["imagenet"][12] == (0.0, "equalize", 7, 0.8, "equalize", 8)
 
 
-# -------------------------------------------------------------------------------------- per-op equality with torchvision
+# ------------------------------------------------------------------------------------- per-op equality with torchvision
 
 ENHANCE = {"brightness": TF.adjust_brightness, "color": TF.adjust_saturation, "contrast": TF.adjust_contrast,
            "sharpness": TF.adjust_sharpness}

@@ -27,7 +27,7 @@ STUDIES: dict[str, list[str]] = {
               "mla-k", "bs1024", "lion-bs1024"],
     "all": list(ABLATIONS),
     # The CPU mini-study of the README: one or two ablations from each group of the paper's table.
-    "mini": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "mla-qkv", "cls4-ca2"],
+    "mini": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "mla-qkv"],
 }
 
 

@@ -30,11 +30,8 @@ def crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torc
         xp = F.pad(x, (pad, pad, pad, pad))  # zero (black) padding, as the reference
         oy = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=g)
         ox = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=g)
-        rows = (oy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-        cols = (ox[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-        b = torch.arange(B, device=x.device)[:, None, None, None]
-        c = torch.arange(C, device=x.device)[None, :, None, None]
-        x = xp[b, c, rows, cols]  # (B, C, H, W)
+        windows = xp.unfold(2, H, 1).unfold(3, W, 1)  # (B, C, 2p+1, 2p+1, H, W), a view: no copy
+        x = windows[torch.arange(B, device=x.device), :, oy, ox]  # (B, C, H, W)
     return x
 
 

@@ -136,7 +136,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.batch_size": 128,
         "train.eval_every_epochs": 2,
     },
-    # The CPU mini-study: the quick model with the paper's full augmentation recipe (about 4 minutes a run).
+    # The CPU mini-study: the quick model with the paper's full augmentation recipe (about 5 minutes a run).
     "mini": {
         "model.embed_dim": 96,
         "model.depth": 4,
@@ -145,7 +145,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "aug.repeats": 1,
         "optim.lr": 2e-3,
         "optim.warmup_epochs": 1,
-        "train.epochs": 4,
+        "train.epochs": 3,
         "train.batch_size": 128,
         "train.eval_every_epochs": 1,
         "train.progress": False,
