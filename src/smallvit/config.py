@@ -43,7 +43,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100
+    dataset: str = "cifar10"  # cifar10 | cifar100 | svhn | folder (ImageFolder layout at data_dir)
     data_dir: str = ""  # empty: $SMALLVIT_DATA, else ./data
     download: bool = True  # try the official source when files are missing
     subset: int = 0  # >0: use only the first N training images (tests, quick demos)
@@ -54,7 +54,7 @@ class DataConfig:
 class AugConfig:
     crop_pad: int = 4  # random crop after zero padding; 0 disables
     flip: bool = True
-    autoaugment: str = "cifar10"  # cifar10 | svhn | rand | none  (README column "-aa")
+    autoaugment: str = "cifar10"  # cifar10 | svhn | imagenet | rand | none  (README column "-aa")
     rotate_sign: str = "random"  # random (standard AutoAugment) | ccw (the reference's quirk, SPEC 12.19)
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
@@ -341,7 +341,8 @@ def validate(cfg: Config) -> None:
     _check(d.dataset in ("cifar10", "cifar100", "svhn", "folder"),
            f"data.dataset must be cifar10, cifar100, svhn or folder (images at data.data_dir), got {d.dataset!r}")
     _check(d.subset >= 0 and d.test_subset >= 0, "data.subset and data.test_subset must be >= 0")
-    _check(a.autoaugment in ("cifar10", "svhn", "rand", "none"), "aug.autoaugment must be cifar10, svhn, rand or none")
+    _check(a.autoaugment in ("cifar10", "svhn", "imagenet", "rand", "none"),
+           "aug.autoaugment must be cifar10, svhn, imagenet, rand or none")
     _check(a.rotate_sign in ("random", "ccw"), "aug.rotate_sign must be random or ccw")
     _check(0.0 <= a.erase_p <= 1.0, "aug.erase_p must be in [0, 1]")
     _check(0 < a.erase_area[0] <= a.erase_area[1] < 1, "aug.erase_area must be (lo, hi) with 0 < lo <= hi < 1")

@@ -245,8 +245,8 @@ def dataset_meta(name: str, data_dir: str = "", img_size: int = 32) -> DatasetMe
     """Classes, names and normalisation of a named dataset, or of the image folder at `data_dir` (name "folder")."""
     if name == FOLDER:
         root = resolve_data_dir(data_dir)
-        x, _, classes = load_folder(root, "train", img_size)
-        mean, std = folder_stats(root, x)
+        classes, _ = _folder_files(root, "train")
+        mean, std = folder_stats(root, img_size)
         return DatasetMeta(len(classes), mean, std, classes)
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, FOLDER])}")
@@ -318,9 +318,9 @@ def _read_folder(stamp: tuple, labels: tuple[int, ...], img_size: int) -> tuple[
     return x, np.asarray(labels, dtype=np.int64)
 
 
-def folder_stats(root: Path, x_uint8: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def folder_stats(root: Path, img_size: int = 32) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std in [0, 1] units: from root/stats.json ({"mean": [..], "std": [..]}) when given,
-    else computed from the training images."""
+    else computed from the training images resized to img_size."""
     given = Path(root) / "stats.json"
     if given.is_file():
         try:
@@ -331,7 +331,7 @@ def folder_stats(root: Path, x_uint8: torch.Tensor) -> tuple[tuple[float, ...], 
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise DataError(f"{given}: mean and std need 3 values each, std > 0")
         return mean, std
-    x = x_uint8.double().div(255.0).transpose(0, 1).reshape(3, -1)  # (3, N*H*W)
+    x = load_folder(root, "train", img_size)[0].double().div(255.0).transpose(0, 1).reshape(3, -1)  # (3, N*H*W)
     return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
 
 

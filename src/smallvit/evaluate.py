@@ -75,13 +75,14 @@ def evaluate_run(run: str | Path, data_dir: str | None = None, tta_flip: bool = 
                        ("cpu" if device == "auto" else device))
     model, cfg = load(run, dev)
     name = cfg.data.dataset
-    info = D.DATASETS[name]
-    x, y = D.load(name, data_dir if data_dir is not None else cfg.data.data_dir, cfg.data.download, train=False)
+    root = data_dir if data_dir is not None else cfg.data.data_dir
+    info = D.dataset_meta(name, root, cfg.model.img_size)
+    x, y = D.load(name, root, cfg.data.download, train=False, img_size=cfg.model.img_size)
     logits = predict_logits(model, x, info.mean, info.std)
     pred = logits.argmax(1)
     k = info.num_classes
     cm = confusion(pred, y, k)
-    names = list(D.CLASS_NAMES.get(name, [str(i) for i in range(k)]))
+    names = list(info.class_names or [str(i) for i in range(k)])
     per_class = (cm.diag().float() / cm.sum(1).clamp(min=1) * 100).tolist()
     report = {
         "checkpoint": str(run),

@@ -16,13 +16,16 @@ import torch
 from . import data as D
 from .model import ViT
 
-DPI = 96  # every panel is one inch, so a grid of R x C panels is exactly (C * DPI, R * DPI) pixels
+DPI = 96
+CELL = 96  # pixels per panel: a title band, then the picture; a grid of R x C panels is (C * CELL, R * CELL) pixels
+TITLE_PX = 14
+PIC_PX = 78
 HEADER_PX = 24  # a title line above a grid
 
 
 def figure_size_px(rows: int, cols: int, header: bool = False) -> tuple[int, int]:
     """(width, height) in pixels of a saved grid."""
-    return cols * DPI, rows * DPI + (HEADER_PX if header else 0)
+    return cols * CELL, rows * CELL + (HEADER_PX if header else 0)
 
 
 @torch.no_grad()
@@ -67,79 +70,87 @@ def _grid(map_row: torch.Tensor, num_cls: int, grid: int) -> np.ndarray:
 
 
 def _image(x_uint8: torch.Tensor) -> np.ndarray:
-    return x_uint8.permute(1, 2, 0).cpu().numpy()
+    """uint8 (3, H, W) -> float RGB (H, W, 3) in [0, 1]."""
+    return x_uint8.permute(1, 2, 0).cpu().float().div(255).numpy()
 
 
-def _blank(ax) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for s in ax.spines.values():
-        s.set_visible(False)
+def _colour(amap: np.ndarray, cmap: str) -> np.ndarray:
+    """A map scaled to its own min..max, coloured: (h, w) -> RGB (h, w, 3)."""
+    import matplotlib
+
+    lo, hi = float(amap.min()), float(amap.max())
+    return matplotlib.colormaps[cmap]((amap - lo) / (hi - lo if hi > lo else 1.0))[..., :3]
 
 
-def _figure(rows: int, cols: int, title: str = ""):
+def _fit(pic: np.ndarray, px: int, smooth: bool = False) -> np.ndarray:
+    """Scale an (h, w[, 3]) picture to (px, px[, 3]): nearest (each patch a block), or bilinear with `smooth`."""
+    if smooth:
+        t = torch.from_numpy(np.ascontiguousarray(pic, dtype=np.float32))[None, None]
+        return torch.nn.functional.interpolate(t, size=(px, px), mode="bilinear", align_corners=False)[0, 0].numpy()
+    rows = np.arange(px) * pic.shape[0] // px
+    cols = np.arange(px) * pic.shape[1] // px
+    return pic[rows][:, cols]
+
+
+def _overlay(img: np.ndarray, amap: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """The image with the map (smoothly upsampled, coloured) laid over it, at PIC_PX."""
+    return (1 - alpha) * _fit(img, PIC_PX) + alpha * _colour(_fit(amap, PIC_PX, smooth=True), "inferno")
+
+
+def _render(cells: list[list[tuple[np.ndarray, str]]], path: Path, title: str = "") -> tuple[int, int]:
+    """Save a grid of (picture, label) panels as one PNG; pictures are RGB in [0, 1] at any size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    head = HEADER_PX / DPI if title else 0.0  # inches
-    fig, axes = plt.subplots(rows, cols, figsize=(cols, rows + head), dpi=DPI, squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01 / (rows + head), top=1 - (head + 0.2) / (rows + head),
-                        wspace=0.05, hspace=0.3)
+    rows, cols = len(cells), max(len(r) for r in cells)
+    top = HEADER_PX if title else 0
+    W, H = figure_size_px(rows, cols, bool(title))
+    canvas = np.ones((H, W, 3))
+    fig = plt.figure(figsize=(W / DPI, H / DPI), dpi=DPI)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    for r, row in enumerate(cells):
+        for c, (pic, label) in enumerate(row):
+            y0, x0 = top + r * CELL + TITLE_PX, c * CELL + (CELL - PIC_PX) // 2
+            canvas[y0 : y0 + PIC_PX, x0 : x0 + PIC_PX] = _fit(pic, PIC_PX)
+            label = label if len(label) <= 22 else label[:21] + "\u2026"  # what fits above one panel
+            ax.text(x0 + PIC_PX / 2, y0 - TITLE_PX / 2, label, ha="center", va="center", fontsize=6)
     if title:
-        fig.suptitle(title, fontsize=8, y=1 - 0.03 / (rows + head), va="top")
-    for ax in axes.flat:
-        _blank(ax)
-    return plt, fig, axes
-
-
-def _overlay(ax, img: np.ndarray, amap: np.ndarray) -> None:
-    s = img.shape[0]
-    ax.imshow(img, extent=(0, s, s, 0), interpolation="nearest")
-    ax.imshow(amap, extent=(0, s, s, 0), cmap="inferno", alpha=0.6, interpolation="bilinear")
+        ax.text(W / 2, HEADER_PX / 2, title, ha="center", va="center", fontsize=8)
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)  # text positions in canvas pixels, y down
+    fig.figimage((canvas * 255).round().astype(np.uint8), origin="upper", zorder=-1)  # pixel for pixel, under the text
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return W, H
 
 
 def plot_heads(img: np.ndarray, maps: list[tuple[str, torch.Tensor]], num_cls: int, grid: int, title: str,
                path: Path) -> tuple[int, int]:
     """One image: a row per (layer, CLS token), the input then one column per head and the head mean."""
-    heads = maps[0][1].shape[0]
-    rows, cols = len(maps) * num_cls, heads + 2
-    plt, fig, axes = _figure(rows, cols, title)
-    for li, (name, a) in enumerate(maps):  # a: (heads, Q, N)
+    cells = []
+    for name, a in maps:  # a: (heads, Q, N)
         for k in range(num_cls):
-            r = li * num_cls + k
-            axes[r, 0].imshow(img, interpolation="nearest")
-            label = f"{name}" + (f", CLS {k + 1}" if num_cls > 1 else "")
-            axes[r, 0].set_title(label, fontsize=6, pad=2)
-            for h in range(heads):
-                axes[r, 1 + h].imshow(_grid(a[h, k], num_cls, grid), cmap="viridis", interpolation="nearest")
-                axes[r, 1 + h].set_title(f"head {h + 1}", fontsize=6, pad=2)
-            axes[r, -1].imshow(_grid(a[:, k].mean(0), num_cls, grid), cmap="viridis", interpolation="nearest")
-            axes[r, -1].set_title("mean", fontsize=6, pad=2)
-    fig.savefig(path)
-    plt.close(fig)
-    return figure_size_px(rows, cols, header=True)
+            row = [(img, name + (f", CLS {k + 1}" if num_cls > 1 else ""))]
+            row += [(_colour(_grid(a[h, k], num_cls, grid), "viridis"), f"head {h + 1}") for h in range(a.shape[0])]
+            row.append((_colour(_grid(a[:, k].mean(0), num_cls, grid), "viridis"), "mean"))
+            cells.append(row)
+    return _render(cells, path, title)
 
 
 def plot_rollout(imgs: list[np.ndarray], rolls: torch.Tensor, num_cls: int, grid: int, labels: list[str],
-                 path: Path) -> tuple[int, int]:
+                 predicted: list[str], path: Path) -> tuple[int, int]:
     """A row per (image, CLS token): the input, the CLS token's rollout over the patches, and the overlay."""
-    rows, cols = len(imgs) * num_cls, 3
-    plt, fig, axes = _figure(rows, cols)
+    cells = []
     for i, img in enumerate(imgs):
         for k in range(num_cls):
-            r = i * num_cls + k
             amap = _grid(rolls[i, k], num_cls, grid)
-            axes[r, 0].imshow(img, interpolation="nearest")
-            axes[r, 0].set_title(labels[i], fontsize=6, pad=2)
-            axes[r, 1].imshow(amap, cmap="inferno", interpolation="nearest")
-            axes[r, 1].set_title("rollout" + (f", CLS {k + 1}" if num_cls > 1 else ""), fontsize=6, pad=2)
-            _overlay(axes[r, 2], img, amap)
-            axes[r, 2].set_title("overlay", fontsize=6, pad=2)
-    fig.savefig(path)
-    plt.close(fig)
-    return figure_size_px(rows, cols)
+            name = "rollout" + (f", CLS {k + 1}" if num_cls > 1 else "")
+            cells.append([(img, labels[i]), (_colour(amap, "inferno"), name),
+                          (_overlay(img, amap), f"pred. {predicted[i]}")])
+    return _render(cells, path)
 
 
 def inspect_run(run_or_checkpoint: str | Path, images: int = 4, indices: list[int] | None = None,
@@ -155,6 +166,8 @@ def inspect_run(run_or_checkpoint: str | Path, images: int = 4, indices: list[in
     x, y = D.load(d.dataset, data_dir if data_dir is not None else d.data_dir, d.download, train=False,
                   img_size=cfg.model.img_size)
     idx = list(indices) if indices else list(range(min(images, len(x))))
+    if not idx:
+        raise D.DataError("no test images chosen: pass --images N with N >= 1, or --indices")
     bad = [i for i in idx if not 0 <= i < len(x)]
     if bad:
         raise D.DataError(f"test image indices {bad} are outside 0..{len(x) - 1}")
@@ -166,12 +179,13 @@ def inspect_run(run_or_checkpoint: str | Path, images: int = 4, indices: list[in
     out = Path(out_dir) if out_dir else (run if run.is_dir() else run.parent) / "attention"
     out.mkdir(parents=True, exist_ok=True)
     imgs = [_image(im) for im in xs]
-    labels = [f"#{i}: {names[int(y[i])]} (pred. {names[p]})" for i, p in zip(idx, pred)]
+    labels = [f"#{i} {names[int(y[i])]}" for i in idx]
     files = []
     for b, i in enumerate(idx):
         path = out / f"attn_{i}.png"
-        plot_heads(imgs[b], [(n, a[b]) for n, a in maps], K, grid, f"test image {labels[b]}", path)
+        title = f"test image {labels[b]} (predicted {names[pred[b]]})"
+        plot_heads(imgs[b], [(n, a[b]) for n, a in maps], K, grid, title, path)
         files.append(str(path))
-    plot_rollout(imgs, rolls, K, grid, labels, out / "rollout.png")
+    plot_rollout(imgs, rolls, K, grid, labels, [names[p] for p in pred], out / "rollout.png")
     files.append(str(out / "rollout.png"))
     return {"indices": idx, "labels": [int(y[i]) for i in idx], "predicted": pred, "files": files}

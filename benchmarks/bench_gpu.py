@@ -1,0 +1,468 @@
+"""Training throughput of smallvit's step against the standard PyTorch stack, on one device, in one run.
+
+smallvit:  uint8 data on the device, BatchAugment (the full recipe), bf16 autocast on CUDA, fused AdamW on CUDA,
+           optionally torch.compile; the loss is summed on the device, so the step never waits for the host.
+standard:  torchvision's per-image PIL pipeline (crop, flip, AutoAugment, ToTensor, Normalize, RandomErasing) in a
+           DataLoader with worker processes, timm's VisionTransformer, timm Mixup/CutMix + SoftTargetCrossEntropy,
+           torch AdamW, fp32 (as the reference ran) and optionally bf16.
+loader:    the standard DataLoader alone (images to the device, no model): the ceiling of the standard stack.
+
+Timing: the device is synchronised before every clock read; the first step (compilation, lazy initialisation) and
+the warm-up are reported apart from the steady state. TFLOP/s counts 3x the forward FLOPs per image (forward +
+backward), the usual model-FLOPs convention. See docs/gpu.md.
+
+    python benchmarks/bench_gpu.py --compile --standard-precision fp32 bf16 --out benchmarks/results/gpu.md
+    python benchmarks/bench_gpu.py --quick                      # a CPU smoke run of the same code, < 2 minutes
+    python benchmarks/bench_gpu.py --full-recipe --out benchmarks/results/gpu_full.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smallvit.augment import BatchAugment
+from smallvit.config import make_config, parse_overrides
+from smallvit.data import DATASETS, DataError, load
+from smallvit.model import build_model, count_params, flops_per_image
+from smallvit.optim import build_optimizer, schedule_factor, set_lr
+from smallvit.runs import device_name, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+# Dense BF16 tensor-core peaks from NVIDIA's datasheets (their headline figures assume 2:4 sparsity and are twice
+# these). The first name fragment that matches the device name wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                    ("H200", 989.0))
+# --quick: the quick preset's model, applied to both stacks, so the CPU run finishes in about a minute.
+QUICK_MODEL = {"model.embed_dim": 96, "model.depth": 4, "model.num_heads": 4}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _autocast(dev: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def timed(step, warmup: int, steps: int, dev: torch.device) -> dict:
+    """Run step(i) for warm-up then measured steps; seconds of the first step, of the warm-up, of the steady state."""
+    _sync(dev)
+    t0 = time.perf_counter()
+    step(0)  # compilation, lazy CUDA/cuDNN initialisation, worker start-up
+    _sync(dev)
+    t1 = time.perf_counter()
+    for i in range(1, warmup):
+        step(i)
+    _sync(dev)
+    t2 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    _sync(dev)
+    t3 = time.perf_counter()
+    return {"first_s": t1 - t0, "warmup_s": t2 - t1, "steady_s": t3 - t2, "steps": steps}
+
+
+def count_syncs(step, i: int, dev: torch.device) -> int | None:
+    """Host-device synchronisations in one step (CUDA's sync-debug mode); None off CUDA."""
+    if dev.type != "cuda":
+        return None
+    _sync(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _sync(dev)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _fwd_flops(model: torch.nn.Module, img_size: int, dev: torch.device) -> int:
+    """Forward FLOPs of one image for any model, counted as smallvit.model.flops_per_image counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, 3, img_size, img_size, device=dev))
+    model.train(was)
+    return int(fc.get_total_flops())
+
+
+def _peak_mem(dev: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+
+
+def _reset_mem(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def training_data(data_dir: str, n_random: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """CIFAR-10 train as uint8 (N, 3, 32, 32) and labels on the CPU, or random images when the files are absent."""
+    try:
+        x, y = load("cifar10", data_dir, download=False, train=True)
+        return x, y, f"CIFAR-10 train ({len(x):,} images) from {data_dir}"
+    except DataError as e:
+        print(f"real data unavailable ({str(e).splitlines()[0]}); using random images", file=sys.stderr)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n_random, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return x, torch.randint(0, 10, (n_random,), generator=g), f"random uint8 images ({n_random:,})"
+
+
+# ---- smallvit: the training step of smallvit.train
+
+
+def bench_smallvit(cfg, x_cpu, y_cpu, dev, B, precision, compile_, warmup, steps) -> dict:
+    """The step of smallvit.train: device-resident uint8 data, BatchAugment, (compiled) model, fused AdamW."""
+    info = DATASETS[cfg.data.dataset]
+    _reset_mem(dev)
+    x_u8, y = x_cpu.to(dev), y_cpu.to(dev)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(dev)
+    opt = build_optimizer(model, cfg.optim, dev)
+    fwd = torch.compile(model) if compile_ else model
+    aug = BatchAugment(cfg.aug, info.mean, info.std, cfg.model.num_classes, cfg.train.label_smoothing, dev)
+    perm = torch.randperm(len(x_u8), device=dev)  # one shuffled pass held on the device, sliced per step
+    loss_sum = torch.zeros((), device=dev)
+    span = len(x_u8) - B + 1
+
+    def step(i):
+        start = (i * B) % span
+        idx = perm[start : start + B]
+        torch.manual_seed(i)  # as train.py: drop path reseeded per step (a host-side call, no sync)
+        set_lr(opt, schedule_factor(i, 100_000, 1_000, cfg.optim))
+        xb, tb = aug(x_u8[idx], y[idx], i)
+        with _autocast(dev, precision):
+            logits = fwd(xb)
+        loss = torch.sum(-tb * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum.add_(loss.detach())  # metrics stay on the device: no host sync in the step
+
+    r = timed(step, warmup, steps, dev)
+    r["syncs"] = count_syncs(step, warmup + steps, dev)
+    r["loss_ok"] = bool(torch.isfinite(loss_sum))
+    r["mem"] = _peak_mem(dev)
+    r["fwd_flops"] = flops_per_image(model)
+    r["params"] = count_params(model)
+    return r
+
+
+# ---- the standard stack: torchvision + DataLoader workers + timm
+
+
+class CIFARImages(torch.utils.data.Dataset):
+    """torchvision.datasets.CIFAR10's in-memory layout: a uint8 HWC array; each item becomes a PIL image."""
+
+    def __init__(self, x_nchw: torch.Tensor, y: torch.Tensor, transform):
+        self.data = np.ascontiguousarray(x_nchw.numpy().transpose(0, 2, 3, 1))  # (N, H, W, C)
+        self.targets = y.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+
+
+def standard_loader(x_cpu, y_cpu, B: int, workers: int, img_size: int, pin: bool):
+    """The reference's input pipeline written with the standard tools: per-image PIL transforms in workers."""
+    from torchvision import transforms as T
+
+    info = DATASETS["cifar10"]
+    tf = T.Compose([
+        T.RandomCrop(img_size, padding=4),
+        T.RandomHorizontalFlip(),
+        T.AutoAugment(T.AutoAugmentPolicy.CIFAR10),
+        T.ToTensor(),
+        T.Normalize(info.mean, info.std),
+        T.RandomErasing(p=0.25),
+    ])
+    return torch.utils.data.DataLoader(CIFARImages(x_cpu, y_cpu, tf), batch_size=B, shuffle=True, drop_last=True,
+                                       num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def timm_vit(cfg):
+    """timm's VisionTransformer with the baseline's shape (the overrides in --set apply to it too)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    m = cfg.model
+    return VisionTransformer(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+                             num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias,
+                             drop_path_rate=m.drop_path, num_classes=m.num_classes)
+
+
+def bench_loader(loader, dev, warmup, steps) -> dict:
+    """The standard DataLoader alone: batches to the device, no model."""
+    it = _forever(loader)
+    return timed(lambda i: [t.to(dev, non_blocking=True) for t in next(it)], warmup, steps, dev)
+
+
+def bench_standard(cfg, loader, dev, precision, warmup, steps) -> dict:
+    """timm ViT + timm Mixup/CutMix + SoftTargetCrossEntropy + torch AdamW on batches from the standard loader."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    _reset_mem(dev)
+    torch.manual_seed(0)
+    model = timm_vit(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            weight_decay=cfg.optim.weight_decay)
+    mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.5, switch_prob=0.5, label_smoothing=0.1,
+                  num_classes=cfg.model.num_classes)
+    crit = SoftTargetCrossEntropy()
+    it = _forever(loader)
+    loss_sum = torch.zeros((), device=dev)
+
+    def step(i):
+        x, y = next(it)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        x, t = mixup(x, y)
+        with _autocast(dev, precision):
+            loss = crit(model(x), t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum.add_(loss.detach())
+
+    r = timed(step, warmup, steps, dev)
+    r["syncs"] = count_syncs(step, warmup + steps, dev)
+    r["loss_ok"] = bool(torch.isfinite(loss_sum))
+    r["mem"] = _peak_mem(dev)
+    r["fwd_flops"] = _fwd_flops(model, cfg.model.img_size, dev)
+    r["params"] = count_params(model)
+    return r
+
+
+# ---- the table
+
+
+def peak_tflops(dev: torch.device, given: float | None) -> tuple[float | None, str]:
+    if given:
+        return given, "--peak-tflops"
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        for frag, tf in PEAK_BF16_TFLOPS:
+            if frag in name:
+                return tf, f"dense BF16 datasheet value for {frag}"
+        return None, f"unknown for {name}: pass --peak-tflops"
+    return None, "no reference peak for CPUs: pass --peak-tflops"
+
+
+def _fmt(v, spec: str, none: str = "n/a") -> str:
+    return none if v is None else format(v, spec)
+
+
+def table(rows: list[dict], peak: float | None) -> str:
+    base = next((r["img_s"] for r in rows if r["stack"] == "standard" and r["precision"] == "fp32"), None)
+    out = ["| stack | precision | compile | workers | first step s | warm-up s | steady img/s | ms/step | TFLOP/s "
+           "| % of peak | × standard fp32 | host syncs/step | peak mem GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tf = r["fwd_flops"] * 3 * r["img_s"] / 1e12 if r.get("fwd_flops") else None
+        pct = 100 * tf / peak if tf is not None and peak else None
+        speed = r["img_s"] / base if base and r["stack"] != "loader" else None
+        out.append(f"| {r['stack']} | {r['precision']} | {r['compile']} | {r['workers']} | {r['first_s']:.2f} | "
+                   f"{r['warmup_s']:.2f} | {r['img_s']:,.0f} | {1000 * r['steady_s'] / r['steps']:.1f} | "
+                   f"{_fmt(tf, '.3g')} | {_fmt(pct, '.1f')} | {_fmt(speed, '.2f')} | {_fmt(r.get('syncs'), 'd')} | "
+                   f"{_fmt(r.get('mem'), '.2f')} |")
+    return "\n".join(out)
+
+
+def run_throughput(a, overrides: dict, dev: torch.device) -> str:
+    cfg = make_config("baseline", overrides)
+    B = a.batch or cfg.train.batch_size
+    if B % 2:
+        raise SystemExit("--batch must be even (timm's Mixup pairs the batch with its reverse)")
+    x, y, source = training_data(a.data_dir, max(4 * B, 2048))
+    if len(x) < B:
+        raise SystemExit(f"--batch {B} is larger than the {len(x)} training images")
+    precision = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    rows = []
+    if "smallvit" in a.stacks:
+        for comp in [False, True] if a.compile else [False]:
+            r = bench_smallvit(cfg, x, y, dev, B, precision, comp, a.warmup, a.steps)
+            rows.append({"stack": "smallvit", "precision": precision, "compile": "yes" if comp else "no",
+                         "workers": "-", **r})
+            print(f"smallvit compile={comp}: {B * r['steps'] / r['steady_s']:.0f} img/s", flush=True)
+    if {"loader", "standard"} & set(a.stacks):
+        loader = standard_loader(x, y, B, a.workers, cfg.model.img_size, pin=dev.type == "cuda")
+        # The workers fill prefetch_factor batches each while the first steps run; draining that buffer in the
+        # warm-up keeps it out of the steady-state rate.
+        drain = a.warmup + 2 * a.workers
+        if "loader" in a.stacks:
+            r = bench_loader(loader, dev, drain, a.steps)
+            rows.append({"stack": "loader", "precision": "-", "compile": "-", "workers": a.workers, **r})
+            print(f"loader only: {B * r['steps'] / r['steady_s']:.0f} img/s", flush=True)
+        if "standard" in a.stacks:
+            for prec in a.standard_precision:
+                r = bench_standard(cfg, loader, dev, prec, drain, a.steps)
+                rows.append({"stack": "standard", "precision": prec, "compile": "no", "workers": a.workers, **r})
+                print(f"standard {prec}: {B * r['steps'] / r['steady_s']:.0f} img/s", flush=True)
+        del loader
+    for r in rows:
+        r["img_s"] = B * r["steps"] / r["steady_s"]
+        if r.get("loss_ok") is False:
+            print(f"warning: non-finite loss in {r['stack']} {r['precision']}", file=sys.stderr)
+    peak, peak_src = peak_tflops(dev, a.peak_tflops)
+    m = cfg.model
+    sv = next((r for r in rows if r["stack"] == "smallvit"), None)
+    st = next((r for r in rows if r["stack"] == "standard"), None)
+    lines = [
+        f"Training-step throughput on {device_name(dev)}; torch {torch.__version__}, "
+        f"timm {_version('timm')}, torchvision {_version('torchvision')}.",
+        "",
+        f"- command: `{' '.join(shlex.quote(s) for s in sys.argv)}`",
+        f"- model: embed_dim {m.embed_dim}, depth {m.depth}, heads {m.num_heads}, mlp_ratio {m.mlp_ratio}, "
+        f"patch {m.patch_size}, drop_path {m.drop_path}; params smallvit {_fmt(sv and sv['params'], ',')}, "
+        f"timm {_fmt(st and st['params'], ',')}; forward GFLOP/img smallvit "
+        f"{_fmt(sv and sv['fwd_flops'] / 1e9, '.3f')}, timm {_fmt(st and st['fwd_flops'] / 1e9, '.3f')}",
+        f"- batch {B}; {a.warmup} warm-up steps (standard/loader: {a.warmup + 2 * a.workers}, to drain the "
+        f"prefetch buffer), {a.steps} measured steps; data: {source}",
+        f"- peak: {_fmt(peak, '.0f')} TFLOP/s ({peak_src}); TFLOP/s = 3 x forward FLOPs x img/s",
+        "- first step: includes torch.compile, lazy initialisation and (standard) worker start-up; "
+        "host syncs/step: CUDA sync-debug warnings in one step (n/a off CUDA)",
+        "",
+        table(rows, peak),
+    ]
+    return "\n".join(lines)
+
+
+def _version(mod: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(mod)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+# ---- the full recipe: smallvit.train with compile, time to target accuracy
+
+
+def time_to_targets(records: list[dict], batch_size: int, targets: list[float]) -> list[dict]:
+    """For each target accuracy, the first evaluation that reached it and the training seconds up to it.
+
+    Uses the evaluation entry's `train_seconds` when train.py logs it; otherwise estimates it from the nearest
+    loss entry's cumulative `img_per_s` (train.py does not time the first step, so seen = (step - 1) x batch).
+    """
+    evals = [r for r in records if "test_acc" in r]
+    logs = [r for r in records if r.get("img_per_s")]
+    out = []
+    for target in targets:
+        hit = next((r for r in evals if r["test_acc"] >= target), None)
+        row = {"target": target, "step": None, "epoch": None, "seconds": None, "source": "not reached"}
+        if hit is not None:
+            row.update(step=hit["step"], epoch=hit.get("epoch"), test_acc=hit["test_acc"])
+            if "train_seconds" in hit:
+                row.update(seconds=hit["train_seconds"], source="train_seconds")
+            elif logs:
+                near = min(logs, key=lambda r: (abs(r["step"] - hit["step"]), -r["step"]))
+                row.update(seconds=(hit["step"] - 1) * batch_size / near["img_per_s"],
+                           source=f"estimate: img_per_s at step {near['step']}")
+            else:
+                row["source"] = "no timing in metrics.jsonl"
+        out.append(row)
+    return out
+
+
+def run_full_recipe(a, overrides: dict) -> str:
+    from smallvit import train
+
+    ov = {"data.data_dir": a.data_dir, "train.compile": True, "train.eval_every_epochs": 1, **overrides}
+    cfg = make_config("baseline", ov)
+    out = Path(a.run_dir or REPO / "runs" / "gpu-full-recipe" / time.strftime("%Y%m%d-%H%M%S"))
+    print(f"run folder: {out}", flush=True)
+    result = train(cfg, out)
+    rows = time_to_targets(read_metrics(out), cfg.train.batch_size, a.targets)
+    ov_text = " ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)"
+    lines = [
+        f"Full recipe (baseline, train.compile=true) on {result['device']}; torch {torch.__version__}.",
+        "",
+        f"- command: `{' '.join(shlex.quote(s) for s in sys.argv)}`; overrides: {ov_text}; run folder: `{out}`",
+        f"- status {result['status']}, {result['step']} of {result['total_steps']} steps, final test acc "
+        f"{result['final_test_acc']:.2f}%, best {result['best_test_acc']:.2f}%, precision {result['precision']}",
+        f"- training seconds {result['train_seconds']:.1f} (excludes the first step, evaluations and checkpoints), "
+        f"wall seconds {result['wall_seconds']:.1f} (after data loading), "
+        f"{_fmt(result['train_img_per_s'], ',.0f')} img/s",
+        "",
+        "| target test acc % | first reached at step | epoch | training seconds | timing source |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['target']} | {_fmt(r['step'], 'd', '-')} | {_fmt(r['epoch'], '.1f', '-')} | "
+                     f"{_fmt(r['seconds'], '.1f', '-')} | {r['source']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides on the baseline, applied to both stacks (model shape, batch, ...)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 100; --quick 4)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps incl. the first (default 10; --quick 2)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: train.batch_size; --quick 64)")
+    p.add_argument("--compile", action="store_true", help="also measure smallvit with torch.compile")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="smallvit precision (auto: bf16 on CUDA, fp32 on CPU, as train.precision=auto)")
+    p.add_argument("--standard-precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    p.add_argument("--stacks", nargs="+", default=["smallvit", "loader", "standard"],
+                   choices=["smallvit", "loader", "standard"])
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="standard DataLoader workers")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding cifar-10-batches-py")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for '% of peak' (default: by name)")
+    p.add_argument("--quick", action="store_true", help="a tiny run (small model, few steps) to check the code")
+    p.add_argument("--full-recipe", action="store_true", help="run smallvit.train on the baseline with compile")
+    p.add_argument("--targets", nargs="+", type=float, default=[90.0, 93.0, 93.5], help="--full-recipe accuracies")
+    p.add_argument("--run-dir", default=None, help="--full-recipe run folder (default runs/gpu-full-recipe/<time>)")
+    p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    overrides = parse_overrides(a.set)
+    if a.full_recipe:
+        text = run_full_recipe(a, overrides)
+    else:
+        if a.quick:
+            overrides = {**QUICK_MODEL, **overrides}
+        a.steps = a.steps or (4 if a.quick else 100)
+        a.warmup = max(1, a.warmup or (2 if a.quick else 10))
+        a.batch = a.batch or (64 if a.quick else None)
+        text = run_throughput(a, overrides, torch.device(a.device))
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
