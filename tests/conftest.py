@@ -59,6 +59,8 @@ def fake_cifar(tmp_path, monkeypatch) -> Path:
 
 def smoke_config(data_dir: Path, **overrides):
     """The smoke preset on the given data, with no download attempt."""
-    base = {"data.data_dir": str(data_dir), "data.download": False, "data.subset": 0, "data.test_subset": 0}
+    # One thread: tiny models gain nothing from two, and tests share the 2-core machine with each other.
+    base = {"data.data_dir": str(data_dir), "data.download": False, "data.subset": 0, "data.test_subset": 0,
+            "train.threads": 1}
     base.update(overrides)
     return make_config("smoke", base)

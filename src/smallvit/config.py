@@ -105,6 +105,7 @@ class TrainConfig:
     log_every_steps: int = 50
     progress: bool = True
     on_nonfinite: str = "stop"  # stop | skip
+    checkpoint_every_steps: int = 0  # >0: also checkpoint every N steps, so a SIGKILL loses at most N steps
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,7 @@ def validate(cfg: Config) -> None:
     _check(t.eval_every_epochs >= 0, "train.eval_every_epochs must be >= 0")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip")
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
 
 
 def make_config(preset: str = "baseline", overrides: dict[str, object] | None = None,

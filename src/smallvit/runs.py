@@ -30,6 +30,7 @@ def atomic_write_bytes(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), _mode_for(path))  # mkstemp makes 0600 files; keep a normal, shareable mode
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -44,6 +45,16 @@ def atomic_write_bytes(path: Path, write) -> None:
         os.close(dfd)
     except OSError:
         pass
+
+
+def _mode_for(path: Path) -> int:
+    """The mode of the file being replaced, or what open() would give a new file under the current umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0o22)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _advice(e: OSError) -> str:

@@ -147,7 +147,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be divisible by the "
                           f"{world} processes; choose a multiple of {world}")
-    every = getattr(t, "checkpoint_every_steps", 0)  # 0: checkpoints only at evaluations and signals
+    every = t.checkpoint_every_steps  # 0: checkpoints only at evaluations and signals
     out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     ckpt_path = out / CHECKPOINT
     finished = _on_rank0(lambda: _check_run_folder(out, cfg, resume), world)
@@ -204,6 +204,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         opt.load_state_dict(state["optimizer"])
         step, best_acc, history = state["step"], state["best_acc"], state.get("history", [])
         prior = {k: state.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds")}
+        prior["pending_loss"] = state.get("pending_loss", (0.0, 0))
         del state
     last_saved = step if resume and step else None
     if main:
@@ -232,7 +233,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best_acc": best_acc,
             "history": history, "config": to_dict(cfg), "train_seconds": timed, "train_images": seen,
-            "wall_seconds": wall_before + time.perf_counter() - wall_start,
+            "wall_seconds": wall_before + time.perf_counter() - wall_start, "pending_loss": pending,
         })
 
     bar = None
@@ -243,11 +244,15 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
 
     # ---- the loop
     per_rank = t.batch_size // world
-    loss_sum = torch.zeros((), device=device)
-    loss_count, timer_start, stopping = 0, None, False
+    # The loss since the last log line; a checkpoint carries it (summed over ranks), so the logged curve of a
+    # resumed run is the uninterrupted one's.
+    pending = prior.get("pending_loss", (0.0, 0)) if main else (0.0, 0)
+    loss_sum = torch.tensor(float(pending[0]), device=device)
+    loss_count, timer_start, stopping = int(pending[1]), None, False
     timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
     wall_start = time.perf_counter()
     epoch_cache = (-1, None)
+    check_each_step = _check_each_step(device, t.on_nonfinite)
     try:
         while step < last_step:
             epoch, i = divmod(step, spe)
@@ -267,9 +272,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             loss.backward()
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            # Check every step on CPU (free) or when skipping (needed); on GPUs at the next log/checkpoint only.
-            check = device.type == "cpu" or t.on_nonfinite == "skip"
-            if check and _any_rank(~torch.isfinite(loss.detach()), world):
+            if check_each_step and _any_rank(~torch.isfinite(loss.detach()), world):
                 if t.on_nonfinite == "stop":
                     raise TrainingError(_nonfinite_msg(step + 1, ckpt_path, last_saved))
                 opt.zero_grad(set_to_none=True)
@@ -289,7 +292,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             log_now = step % t.log_every_steps == 0 or step == last_step
             save_now = step in eval_steps or (every > 0 and step % every == 0)
             stopping = world == 1 and stop["signal"] is not None
-            if log_now or save_now:  # one host sync; under torchrun the ranks agree here on stopping
+            if log_now or save_now or stopping:  # one host sync; under torchrun the ranks agree here on stopping
                 flags = torch.tensor([float(loss_count), float(stop["signal"] is not None)], device=device)
                 stats = torch.cat([loss_sum.view(1), flags])
                 if world > 1:
@@ -298,6 +301,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                 if not math.isfinite(total):
                     raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, before=True))
                 stopping = signalled > 0
+                pending = (total, int(count))
                 if log_now:
                     _sync(device)
                     avg = total / max(count, 1)
@@ -307,7 +311,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                     if bar is not None:
                         bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                     loss_sum.zero_()
-                    loss_count = 0
+                    loss_count, pending = 0, (0.0, 0)
             if save_now or stopping:
                 if timer_start is not None:  # evaluation and checkpoint time is not training time
                     _sync(device)
@@ -316,8 +320,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                     acc, test_loss = _on_rank0(lambda: evaluate(model, x_test, y_test, mean, std, autocast=autocast),
                                                world)
                     best_acc = max(best_acc, acc)
-                    history.append({"step": step, "epoch": step / spe, "test_acc": acc})
-                    records.log(step, test_acc=acc, test_loss=test_loss, epoch=step / spe)
+                    history.append({"step": step, "epoch": step / spe, "test_acc": acc, "train_seconds": timed})
+                    records.log(step, test_acc=acc, test_loss=test_loss, epoch=step / spe, train_seconds=timed)
                     if bar is not None:
                         bar.write(f"step {step} epoch {step / spe:.2f}: test acc {acc:.2f}%  loss {test_loss:.4f}")
                 _on_rank0(checkpoint, world)
@@ -334,9 +338,10 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             bar.close()
         records.close()
 
+    interrupted = stopping and step < last_step  # a signal during the last step still ends a complete run
     final_acc = history[-1]["test_acc"] if history else float("nan")
     result = {
-        "status": "interrupted" if stopping else ("done" if step >= total_steps else "stopped_at_max_steps"),
+        "status": "interrupted" if interrupted else ("done" if step >= total_steps else "stopped_at_max_steps"),
         "final_test_acc": final_acc,
         "best_test_acc": best_acc,
         "step": step,
@@ -353,7 +358,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         "run_dir": str(out),
         "overrides": diff(cfg),
     }
-    if not stopping:
+    if not interrupted:
         _on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
     return result
 
@@ -361,6 +366,12 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _check_each_step(device: torch.device, on_nonfinite: str) -> bool:
+    """Check the loss every step on CPU (free) or when skipping (needed); on GPUs only at log and checkpoint points,
+    so no step waits for the device."""
+    return device.type == "cpu" or on_nonfinite == "skip"
 
 
 def _rank_seed(seed: int, rank: int) -> int:
