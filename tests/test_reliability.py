@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from conftest import smoke_config, write_fake_cifar10
+from smallvit import distributed
 from smallvit.augment import BatchAugment
 from smallvit.cli import main
-from smallvit.config import VALID_KEYS
 from smallvit.model import build_model
 from smallvit.runs import CheckpointError, Records, load_checkpoint, load_model_state, read_metrics
 
@@ -60,7 +60,7 @@ for line in sys.stdin:  # server use: one JSON [args, log file] per line; answer
 """
 
 # Keys this version may not have yet: use them when the config knows them.
-CKPT_EVERY = ["train.checkpoint_every_steps=5"] if "train.checkpoint_every_steps" in VALID_KEYS else []
+CKPT_EVERY = ["train.checkpoint_every_steps=5"]
 EPOCHS, SPE = 8, 600 // 64  # the smoke preset on the 600 fake training images: 9 steps per epoch
 
 
@@ -258,17 +258,17 @@ def test_torchrun_two_processes_equal_one_and_stop_together(env, tmp_path):
 
 
 def test_batch_must_divide_across_processes(fake_cifar, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "_dist_setup", lambda device: (0, 2, torch.device("cpu"), False))
+    monkeypatch.setattr(distributed, "setup", lambda device: (0, 2, torch.device("cpu"), False))
     with pytest.raises(T.ConfigError, match="divisible by the 2 processes"):
         T.train(_cfg(fake_cifar, **{"train.batch_size": 63}), tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
 
 def test_rank_seeds_differ_and_never_collide_with_another_seed():
-    seeds = {(s, r): T._rank_seed(s, r) for s in range(4) for r in range(8)}
+    seeds = {(s, r): distributed.rank_seed(s, r) for s in range(4) for r in range(8)}
     assert len(set(seeds.values())) == len(seeds)
-    assert T._rank_seed(5, 0) == 5  # one process augments as before
-    steps = {T._step_seed(0, r, s) for r in range(4) for s in range(100)}
+    assert distributed.rank_seed(5, 0) == 5  # one process augments as before
+    steps = {distributed.step_seed(0, r, s) for r in range(4) for s in range(100)}
     assert len(steps) == 400
 
 
@@ -509,7 +509,6 @@ def test_nonfinite_loss_on_the_gpu_policy_stops_at_the_next_log(fake_cifar, tmp_
     assert load_checkpoint(out)["step"] == 9
 
 
-@pytest.mark.skipif("train.checkpoint_every_steps" not in VALID_KEYS, reason="config has no checkpoint_every_steps")
 def test_checkpoint_every_steps_bounds_the_loss(fake_cifar, tmp_path, monkeypatch):
     out = tmp_path / "r"
     _inject(monkeypatch, step=7, make=_die)

@@ -101,7 +101,9 @@ def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float =
                 cfg = make_config_from(cfg, {"train.device": devices[0]})
             print(f"[{name} seed {seed}] {'resuming' if run_state(folder) == 'partial' else 'starting'} {folder}",
                   flush=True)
-            train(cfg, folder, resume=True)
+            if train(cfg, folder, resume=True)["status"] == "interrupted":  # SIGINT/SIGTERM stops the study too
+                print(f"interrupted during {folder}; run the same command again to continue", flush=True)
+                break
     else:
         def launch(job, device):
             name, seed, _, folder = job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,16 +30,19 @@ def cmd_train(args) -> int:
 
     cfg = _build(args)
     out = Path(args.out) if args.out else default_run_dir(cfg)
-    print(f"run folder: {out}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one process speaks
+    if main_rank:
+        print(f"run folder: {out}")
     result = train(cfg, out, resume=args.resume)
-    if result["status"] == "interrupted":
+    if result["status"] == "interrupted":  # every rank says where it stopped (they agree on the step)
         print(f"interrupted at step {result['step']}; resume with the same command plus --resume")
         return 130
-    ips = result["train_img_per_s"]
-    print(f"test accuracy {result['final_test_acc']:.2f}% (best {result['best_test_acc']:.2f}%) after "
-          f"{result['epochs_done']:.2f} epochs, {result['wall_seconds']:.0f} s wall, "
-          f"{ips:.0f} img/s" if ips else "")
-    print(json.dumps({k: result[k] for k in ("final_test_acc", "best_test_acc", "step", "wall_seconds")}))
+    if main_rank:
+        ips = result["train_img_per_s"]
+        speed = f", {ips:.0f} img/s" if ips else ""
+        print(f"test accuracy {result['final_test_acc']:.2f}% (best {result['best_test_acc']:.2f}%) after "
+              f"{result['epochs_done']:.2f} epochs, {result['wall_seconds']:.0f} s wall{speed}")
+        print(json.dumps({k: result[k] for k in ("final_test_acc", "best_test_acc", "step", "wall_seconds")}))
     return 0
 
 
@@ -223,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .data import DataError
     from .runs import CheckpointError
-    from .train import TrainingError
+    from .runs import TrainingError
 
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"smallvit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once; atomic writes leave the last checkpoint whole
+        print(f"smallvit {args.command}: interrupted; the last checkpoint is intact, continue with --resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
 
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the message explains (e.g. a non-finite loss)."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says why and what to do."""
 

@@ -12,18 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import data as D
+from . import distributed as dist_
 from .augment import BatchAugment
 from .config import Config, ConfigError, diff, to_dict
 from .model import build_model, count_params, flops_per_image
@@ -31,6 +30,7 @@ from .optim import build_optimizer, schedule_factor, set_lr
 from .runs import (
     CHECKPOINT,
     CheckpointError,
+    TrainingError,
     Records,
     atomic_write_json,
     environment,
@@ -46,18 +46,6 @@ from .runs import (
 RESUME_FREE_KEYS = {"train.max_steps", "train.progress", "train.log_every_steps", "train.device", "train.threads",
                     "train.compile", "train.checkpoint_every_steps", "train.on_nonfinite", "data.data_dir",
                     "data.download"}
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the message explains (e.g. a non-finite loss)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def default_run_dir(cfg: Config, root: str = "runs") -> Path:
@@ -90,26 +78,6 @@ def evaluate(model, x_test, y_test, mean, std, batch_size: int = 500, autocast=c
     return 100.0 * correct.item() / n, loss.item() / n
 
 
-def _dist_setup(device_cfg: str):
-    """torchrun: NCCL on GPUs, gloo on CPU. Returns (rank, world_size, device, whether we created the group)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, resolve_device(device_cfg), False
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device_cfg.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device_cfg} but CUDA is not available; use train.device=cpu or auto")
-    use_cuda = torch.cuda.is_available() and device_cfg != "cpu"
-    if use_cuda and local >= torch.cuda.device_count():
-        raise ConfigError(f"local rank {local} but only {torch.cuda.device_count()} GPUs on this node; "
-                          f"use torchrun --nproc_per_node={torch.cuda.device_count()} or fewer")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device, created
-
-
 def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train `cfg`; write records to `out_dir` (default: a deterministic folder under runs/); return the result.
 
@@ -127,7 +95,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     created_group = False
     try:
-        rank, world, device, created_group = _dist_setup(cfg.train.device)
+        rank, world, device, created_group = dist_.setup(cfg.train.device)
         return _train(cfg, out_dir, resume, rank, world, device, stop)
     except OSError as e:  # a full disk or a permission problem outside the checkpoint writer: one line, no traceback
         raise TrainingError(f"{e.filename or 'I/O error'}: {e.strerror or e}. Checkpoints already written are "
@@ -150,7 +118,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     every = t.checkpoint_every_steps  # 0: checkpoints only at evaluations and signals
     out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     ckpt_path = out / CHECKPOINT
-    finished = _on_rank0(lambda: _check_run_folder(out, cfg, resume), world)
+    finished = dist_.on_rank0(lambda: _check_run_folder(out, cfg, resume), world)
     if finished is not None:  # resuming a run that already ended: nothing to do, and its records stay as they are
         return finished
 
@@ -158,7 +126,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, m.img_size)  # num_classes, mean, std, class_names
     if m.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes={m.num_classes} but {cfg.data.dataset} has {info.num_classes} classes")
-    (x_train, y_train), (x_test, y_test) = _on_every_rank(lambda: (
+    (x_train, y_train), (x_test, y_test) = dist_.on_every_rank(lambda: (
         D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=True, device=device,
                img_size=m.img_size),
         D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=False, device=device,
@@ -198,7 +166,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
 
     # ---- resume: rank 0 reads the checkpoint and sends it to the others (no shared filesystem needed)
     step, best_acc, history, prior = 0, 0.0, [], {}
-    state = _on_rank0(lambda: _read_resume_state(ckpt_path, cfg) if resume and ckpt_path.is_file() else None, world)
+    state = dist_.on_rank0(lambda: _read_resume_state(ckpt_path, cfg) if resume and ckpt_path.is_file() else None,
+                           world)
     if state is not None:
         load_model_state(model, state["model"], str(ckpt_path))
         opt.load_state_dict(state["optimizer"])
@@ -217,7 +186,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                                                               else None)
     fwd = torch.compile(ddp_model) if t.compile else ddp_model
     augment = BatchAugment(a, info.mean, info.std, m.num_classes, t.label_smoothing, device,
-                           seed=_rank_seed(t.seed, rank))
+                           seed=dist_.rank_seed(t.seed, rank))
 
     # ---- records
     records = Records(out, enabled=main)
@@ -262,7 +231,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             # A contiguous slice of the global batch, so in_batch repeats of an image stay on one rank.
             start = i * t.batch_size + rank * per_rank
             idx = epoch_cache[1][start : start + per_rank]
-            torch.manual_seed(_step_seed(t.seed, rank, step))  # drop path: a pure function of (seed, rank, step)
+            torch.manual_seed(dist_.step_seed(t.seed, rank, step))  # drop path: a pure function of (seed, rank, step)
             lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
             xb, tb = augment(x_train[idx], y_train[idx], step)
             with autocast():
@@ -272,7 +241,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             loss.backward()
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            if check_each_step and _any_rank(~torch.isfinite(loss.detach()), world):
+            if check_each_step and dist_.any_rank(~torch.isfinite(loss.detach()), world):
                 if t.on_nonfinite == "stop":
                     raise TrainingError(_nonfinite_msg(step + 1, ckpt_path, last_saved))
                 opt.zero_grad(set_to_none=True)
@@ -317,14 +286,14 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                     _sync(device)
                     timed += time.perf_counter() - timer_start
                 if step in eval_steps:  # rank 0 evaluates; the others wait for its numbers
-                    acc, test_loss = _on_rank0(lambda: evaluate(model, x_test, y_test, mean, std, autocast=autocast),
-                                               world)
+                    acc, test_loss = dist_.on_rank0(
+                        lambda: evaluate(model, x_test, y_test, mean, std, autocast=autocast), world)
                     best_acc = max(best_acc, acc)
                     history.append({"step": step, "epoch": step / spe, "test_acc": acc, "train_seconds": timed})
                     records.log(step, test_acc=acc, test_loss=test_loss, epoch=step / spe, train_seconds=timed)
                     if bar is not None:
                         bar.write(f"step {step} epoch {step / spe:.2f}: test acc {acc:.2f}%  loss {test_loss:.4f}")
-                _on_rank0(checkpoint, world)
+                dist_.on_rank0(checkpoint, world)
                 last_saved = step
                 if timer_start is not None:
                     timer_start = time.perf_counter()
@@ -359,7 +328,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         "overrides": diff(cfg),
     }
     if not interrupted:
-        _on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
+        dist_.on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
     return result
 
 
@@ -372,69 +341,6 @@ def _check_each_step(device: torch.device, on_nonfinite: str) -> bool:
     """Check the loss every step on CPU (free) or when skipping (needed); on GPUs only at log and checkpoint points,
     so no step waits for the device."""
     return device.type == "cpu" or on_nonfinite == "skip"
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    """The augmentation seed of a rank: the run's seed on rank 0, and streams that no other (seed, rank) shares."""
-    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]) + 2**32
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of the global torch RNG (drop path) for one step on one rank, so a resumed run draws the same masks."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _any_rank(flag: torch.Tensor, world: int) -> bool:
-    """True if `flag` (a boolean tensor) is true on any rank."""
-    flag = flag.float()
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-# Errors that a rank raises with the message rank 0 gave, so every process prints the same clear line.
-_ERRORS = {c.__name__: c for c in (ConfigError, D.DataError, CheckpointError, TrainingError)}
-
-
-def _on_rank0(fn, world: int):
-    """Run fn on rank 0 only (files, evaluation) and give its result, or its error, to every rank.
-
-    Without this the other ranks would wait in their next collective until a timeout when rank 0 fails.
-    """
-    if world == 1:
-        return fn()
-    payload = [None]
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            payload = [("ok", fn())]
-        except Exception as e:  # noqa: BLE001  (any failure on rank 0 must reach the other ranks)
-            error = e
-            payload = [("error", type(e).__name__, str(e))]
-    dist.broadcast_object_list(payload, src=0)
-    if error is not None:
-        raise error
-    if payload[0][0] == "error":
-        raise _ERRORS.get(payload[0][1], TrainingError)(payload[0][2])
-    return payload[0][1]
-
-
-def _on_every_rank(fn, world: int):
-    """Run fn on every rank; if it fails on any rank, fail on all of them instead of leaving the others waiting."""
-    error, value = None, None
-    try:
-        value = fn()
-    except Exception as e:  # noqa: BLE001  (any failure on one rank must reach the other ranks)
-        error = e
-    if world > 1:
-        errors = [None] * world
-        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(r, msg) for r, msg in enumerate(errors) if msg]
-        if failed and error is None:
-            raise TrainingError(f"rank {failed[0][0]} failed: {failed[0][1]}")
-    if error is not None:
-        raise error
-    return value
 
 
 def _read_json(path: Path) -> dict:
