@@ -236,7 +236,8 @@ def _torchrun(env, args: list[str], log: Path, stop_at_step: int = 0) -> tuple[i
 def test_torchrun_two_processes_equal_one_and_stop_together(env, tmp_path):
     """gloo on CPU: 2 ranks x 32 images give the same training as 1 process x 64; SIGTERM stops both at one step."""
     plain = ["aug.crop_pad=0", "aug.flip=false", "aug.autoaugment=none", "aug.erase_p=0", "aug.mixup=false",
-             "aug.cutmix=false", "model.drop_path=0", "train.epochs=4", "train.log_every_steps=2"]
+             "aug.cutmix=false", "model.drop_path=0", "train.epochs=10", "train.log_every_steps=2"]
+    # 10 epochs (90 steps): long enough that the SIGTERM below lands before a fast, idle machine finishes.
     one = tmp_path / "one"
     assert env["server"].run(_args(env, one, *plain), tmp_path / "one.log") == 0
     two = tmp_path / "two"
@@ -251,7 +252,12 @@ def test_torchrun_two_processes_equal_one_and_stop_together(env, tmp_path):
     assert json.loads((two / "result.json").read_text())["world_size"] == 2
     wa, wb = load_checkpoint(one)["model"], load_checkpoint(two)["model"]
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
+        if k.endswith("attn.k.bias"):
+            # The key bias adds q.b to every logit of a query, which softmax ignores: its true gradient is zero and
+            # it only ever gets rounding noise, which Adam's normalisation turns into lr-sized random steps. The
+            # two runs round differently (all-reduce vs one batch), so this tensor is not comparable.
+            continue
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
     la = [r["loss"] for r in read_metrics(one) if "loss" in r]
     lb = [r["loss"] for r in read_metrics(two) if "loss" in r]
     assert lb == pytest.approx(la, rel=1e-4)  # the logged loss is the global batch's, as in one process
