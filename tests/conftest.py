@@ -49,6 +49,17 @@ def write_fake_cifar10(root: Path, n_train: int = 600, n_test: int = 200) -> dic
 
 
 @pytest.fixture
+def one_thread():
+    """Small tensors gain nothing from extra intra-op threads, which only thrash on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def fake_cifar(tmp_path, monkeypatch) -> Path:
     """A tiny CIFAR-10 in the official layout; the reader's checksum table points at these files."""
     root = tmp_path / "data"

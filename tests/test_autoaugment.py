@@ -17,13 +17,7 @@ from smallvit import autoaugment as A
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: extra intra-op threads only add barriers, which thrash on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int, size: int = 32, channels: int = 3, seed: int = 0) -> torch.Tensor:
