@@ -21,10 +21,10 @@ STUDIES: dict[str, list[str]] = {
     "patch": ["baseline", "sin", "whiten"],
     "mla": ["baseline", "mla-q", "mla-k", "mla-qk", "mla-kv", "mla-qkv"],
     "cls": ["baseline", "cls2", "cls4", "cls8", "cls1-ca2", "cls2-ca2", "cls4-ca2", "cls8-ca2"],
-    "optim": ["baseline", "bs1024", "lion-bs1024", "lion", "muon"],
+    "optim": ["baseline", "ra-in-batch", "bs1024", "lion-bs1024", "lion", "muon"],
     # Every column of the reference README table (SPEC section 4).
     "paper": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "whiten", "mla-qkv", "mla-kv", "mla-qk", "mla-q",
-              "mla-k", "bs1024", "lion-bs1024"],
+              "mla-k", "ra-in-batch", "bs1024", "lion-bs1024"],
     "all": list(ABLATIONS),
     # The CPU mini-study of the README: one or two ablations from each group of the paper's table.
     "mini": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "mla-qkv"],

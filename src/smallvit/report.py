@@ -103,25 +103,38 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot_bars(rows: list[dict], path: Path) -> None:
+    """Left: test accuracy (mean ± std) with the paper's number as a marker. Right: change against the baseline,
+    ours and the paper's side by side; the change is what stays comparable when the scale differs from the paper's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["ablation"] for r in rows]
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4), dpi=100)
-    ax.bar([i - 0.2 for i in x], [r["acc_mean"] for r in rows], 0.4,
-           yerr=[0 if math.isnan(r["acc_std"]) else r["acc_std"] for r in rows], capsize=3, label="ours (mean ± std)")
-    paper = [(i + 0.2, r["paper_acc"]) for i, r in zip(x, rows) if r["paper_acc"] is not None]
+    x = list(range(len(rows)))
+    std = [0 if math.isnan(r["acc_std"]) else r["acc_std"] for r in rows]
+    base_std = std[names.index("baseline")] if "baseline" in names else 0.0
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(rows)), 4.2), dpi=100)
+    a1.bar(x, [r["acc_mean"] for r in rows], 0.6, yerr=std, capsize=3, label="ours (mean ± std)")
+    paper = [(i, r["paper_acc"]) for i, r in zip(x, rows) if r["paper_acc"] is not None]
     if paper:
-        ax.bar([p[0] for p in paper], [p[1] for p in paper], 0.4, label="paper (full recipe)", color="tab:gray")
-    lo = min([r["acc_mean"] for r in rows] + [p[1] for p in paper])
-    hi = max([r["acc_mean"] for r in rows] + [p[1] for p in paper])
-    ax.set_ylim(max(0, lo - 5), min(100, hi + 3))
-    ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend()
+        a1.scatter([p[0] for p in paper], [p[1] for p in paper], marker="_", s=300, color="black", zorder=3,
+                   label="paper (full recipe)")
+    vals = [r["acc_mean"] for r in rows] + [p[1] for p in paper]
+    a1.set_ylim(max(0, min(vals) - 5), min(100, max(vals) + 3))
+    a1.set_ylabel("test accuracy (%)")
+    a1.legend(loc="center right", fontsize=8)
+    d = [(i, r["delta"], math.hypot(s_, base_std)) for i, r, s_ in zip(x, rows, std) if r["delta"] is not None]
+    a2.bar([i - 0.2 for i, _, _ in d], [v for _, v, _ in d], 0.4, yerr=[e for _, _, e in d], capsize=3,
+           label="ours")
+    pd = [(i, r["paper_delta"]) for i, r in zip(x, rows) if r["paper_delta"] is not None]
+    if pd:
+        a2.bar([i + 0.2 for i, _ in pd], [v for _, v in pd], 0.4, color="tab:gray", label="paper")
+    a2.axhline(0, color="black", lw=0.8)
+    a2.set_ylabel("Δ test accuracy vs baseline (points)")
+    a2.legend(fontsize=8)
+    for ax in (a1, a2):
+        ax.set_xticks(x, names, rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
