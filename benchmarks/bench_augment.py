@@ -17,6 +17,7 @@ import argparse
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> str:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
             f.write(table + "\n")
     return table
 
