@@ -1,9 +1,10 @@
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import smoke_config
+from conftest import REAL_DATA, needs_real_cifar, smoke_config
 from smallvit.ablate import STUDIES, ablate, plan, scaled
 from smallvit.cli import main
 from smallvit.config import make_config
@@ -89,3 +90,17 @@ def test_report_from_recorded_runs(tmp_path, capsys):
         assert (study / png).stat().st_size > 5000
     assert main(["report", str(study)]) == 0 and "| baseline |" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+@needs_real_cifar
+def test_several_devices_run_side_by_side(monkeypatch, tmp_path):
+    """Two 'devices' (both the CPU here): each run goes to its own `smallvit train` process, one per device."""
+    monkeypatch.setitem(STUDIES, "tiny2", ["baseline", "-mixup"])
+    sets = ["data.subset=256", "data.test_subset=128", "train.max_steps=2", "aug.autoaugment=none",
+            "train.threads=1"]
+    rows = ablate("tiny2", seeds=1, preset="smoke", root=tmp_path, devices=["cpu", "cpu"], cli_overrides=sets,
+                  data_dir=str(REAL_DATA))
+    assert [r["state"] for r in rows] == ["done", "done"]
+    for r in rows:
+        result = json.loads((Path(r["folder"]) / "result.json").read_text())
+        assert result["step"] == 2 and (Path(r["folder"]) / "stdout.log").is_file()

@@ -77,6 +77,8 @@ def test_cli_train_eval_info(fake_cifar, tmp_path, capsys):
     assert main(["info", "--ablation", "mla-q"]) == 0
     info = _json_tail(capsys.readouterr().out)
     assert info["params"] == 3_441_226 and info["diff_from_baseline"] == {"model.latent": "q"}
+    assert main(["info", "--ablation", "-aa"]) == 0  # a name that starts with a dash is still a value
+    assert _json_tail(capsys.readouterr().out)["diff_from_baseline"] == {"aug.autoaugment": "none"}
     assert main(["train", *args, "--set", "model.bogus=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing")]) == 2

@@ -107,7 +107,7 @@ def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float =
     else:
         def launch(job, device):
             name, seed, _, folder = job
-            cmd = [sys.executable, "-m", "smallvit.cli", "train", "--preset", preset, "--ablation", name,
+            cmd = [sys.executable, "-m", "smallvit.cli", "train", "--preset", preset, f"--ablation={name}",
                    "--out", str(folder), "--resume", "--set", f"train.seed={seed}", f"train.device={device}",
                    "train.progress=false", *(cli_overrides or []), *_budget_overrides(runs, name)]
             if data_dir:

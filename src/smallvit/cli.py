@@ -224,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: RUN/attention)")
     p.set_defaults(fn=cmd_inspect)
 
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # ablation names such as "-aa" start with a dash: keep them as values
+        if argv[i] == "--ablation" and argv[i + 1].startswith("-"):
+            argv[i : i + 2] = [f"--ablation={argv[i + 1]}", ""]
+    args = parser.parse_args([a for a in argv if a != ""])
     from .data import DataError
     from .runs import CheckpointError
     from .runs import TrainingError
