@@ -90,3 +90,20 @@ def test_real_cifar10_short_run(tmp_path):
     cfg = smoke_config(REAL_DATA, **{"data.subset": 2048, "data.test_subset": 1000, "train.max_steps": 20})
     r = train(cfg, tmp_path / "real")
     assert r["step"] == 20 and 0 <= r["final_test_acc"] <= 100
+
+
+def test_checkpoint_carries_the_dataset_facts(fake_cifar, tmp_path, monkeypatch):
+    import smallvit
+    from smallvit import data as D
+
+    out = tmp_path / "r"
+    train(smoke_config(fake_cifar, **{"train.max_steps": 2}), out)
+    saved = load_checkpoint(out)["dataset"]
+    assert saved["num_classes"] == 10 and saved["class_names"][0] == "airplane" and len(saved["mean"]) == 3
+
+    def gone(*args, **kwargs):
+        raise D.DataError("the dataset folder moved")
+
+    monkeypatch.setattr(D, "dataset_meta", gone)  # e.g. an image folder that is not there any more
+    model, preprocess, names = smallvit.load(out)
+    assert names == tuple(saved["class_names"]) and preprocess.mean.tolist() == pytest.approx(saved["mean"])

@@ -255,6 +255,15 @@ def dataset_meta(name: str, data_dir: str = "", img_size: int = 32) -> DatasetMe
     return DatasetMeta(info.num_classes, info.mean, info.std, names)
 
 
+def meta_of(cfg, saved: dict | None = None) -> DatasetMeta:
+    """The dataset facts a trained model needs: those saved in its checkpoint (so a run stays usable when its image
+    folder moves), else looked up from its config."""
+    if saved:
+        return DatasetMeta(int(saved["num_classes"]), tuple(saved["mean"]), tuple(saved["std"]),
+                           tuple(saved["class_names"]))
+    return dataset_meta(cfg.data.dataset, cfg.data.data_dir, cfg.model.img_size)
+
+
 def image_to_uint8(img, size: int) -> np.ndarray:
     """A PIL image -> uint8 (3, size, size): converted to RGB, resized (bilinear, antialiased) to size x size."""
     from PIL import Image

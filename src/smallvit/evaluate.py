@@ -18,6 +18,7 @@ def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> t
     cfg = from_dict(state["config"])
     model = build_model(cfg.model)
     load_model_state(model, state["model"], str(run_or_checkpoint))
+    model.saved_dataset = state.get("dataset")  # classes and normalisation as trained (D.meta_of)
     return model.to(device).eval(), cfg
 
 
@@ -76,7 +77,7 @@ def evaluate_run(run: str | Path, data_dir: str | None = None, tta_flip: bool = 
     model, cfg = load(run, dev)
     name = cfg.data.dataset
     root = data_dir if data_dir is not None else cfg.data.data_dir
-    info = D.dataset_meta(name, root, cfg.model.img_size)
+    info = D.meta_of(cfg, model.saved_dataset)
     x, y = D.load(name, root, cfg.data.download, train=False, img_size=cfg.model.img_size)
     logits = predict_logits(model, x, info.mean, info.std)
     pred = logits.argmax(1)

@@ -102,7 +102,7 @@ def export(run_or_checkpoint: str | Path, fmt: str = "onnx", out: str | Path | N
     export_model(model, fmt, out, opset, exporter)
     m = cfg.model
     try:
-        meta = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, m.img_size)
+        meta = D.meta_of(cfg, getattr(model, "saved_dataset", None))
         prep = {"mean": list(meta.mean), "std": list(meta.std), "class_names": list(meta.class_names)}
     except D.DataError as e:  # a folder dataset that is not here any more: still export, say what is missing
         prep = {"mean": None, "std": None, "class_names": None, "note": str(e).splitlines()[0]}

@@ -103,7 +103,7 @@ def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> P
 
 def predictor(model: ViT, cfg: Config) -> Predictor:
     """Wrap a loaded model with the preprocessing and class names of the dataset in its config."""
-    meta = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, cfg.model.img_size)
+    meta = D.meta_of(cfg, getattr(model, "saved_dataset", None))
     names = tuple(meta.class_names)
     if len(names) != cfg.model.num_classes:  # a head trained for another label count: show indices
         names = tuple(str(i) for i in range(cfg.model.num_classes))

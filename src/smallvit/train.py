@@ -203,6 +203,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best_acc": best_acc,
             "history": history, "config": to_dict(cfg), "train_seconds": timed, "train_images": seen,
             "wall_seconds": wall_before + time.perf_counter() - wall_start, "pending_loss": pending,
+            "dataset": {"num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
+                        "class_names": list(info.class_names)},
         })
 
     bar = None
