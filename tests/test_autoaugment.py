@@ -169,6 +169,17 @@ def test_batched_output_equals_sequential_application_of_the_choices():
 
 
 @pytest.mark.parametrize("policy", sorted(A.POLICIES))
+def test_sync_free_path_equals_the_grouped_path(policy):
+    """The CUDA default (every candidate op on the whole batch, masked) gives the CPU default's images exactly."""
+    x = images(96, size=16)
+    grouped = A.autoaugment(x, policy, torch.Generator().manual_seed(5), sync_free=False)
+    masked = A.autoaugment(x, policy, torch.Generator().manual_seed(5), sync_free=True)
+    assert torch.equal(grouped, masked)
+    grouped = A.randaugment(x, 2, 12, torch.Generator().manual_seed(6), sync_free=False)
+    assert torch.equal(grouped, A.randaugment(x, 2, 12, torch.Generator().manual_seed(6), sync_free=True))
+
+
+@pytest.mark.parametrize("policy", sorted(A.POLICIES))
 def test_subpolicy_and_firing_rates(policy):
     B = 20000
     x = torch.randint(0, 256, (B, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
