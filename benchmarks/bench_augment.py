@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import images_per_second
 from PIL import Image
 from torchvision import transforms as T
 
@@ -40,11 +41,6 @@ def load_images(data_dir: str, n: int) -> tuple[torch.Tensor, torch.Tensor, str]
         return x, torch.randint(0, 10, (n,), generator=g), "random uint8 (CIFAR-10 not found)"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_batched(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device) -> float:
     """img/s of BatchAugment over `steps` batches (after 3 warm-up batches), inputs already on the device."""
     aug = augment.BatchAugment(AugConfig(), MEAN, STD, num_classes=10, label_smoothing=0.1, device=device, seed=0)
@@ -55,14 +51,7 @@ def bench_batched(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, devi
         i = step % nb
         aug(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch], step)
 
-    for s in range(3):
-        run(s)
-    sync(device)
-    t0 = time.perf_counter()
-    for s in range(steps):
-        run(s)
-    sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+    return images_per_second(run, steps, 3, batch, device)
 
 
 def pil_pipeline() -> T.Compose:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import sync
 import torch.nn.functional as F
 
 from smallvit.augment import BatchAugment
@@ -48,11 +49,6 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.
 QUICK_MODEL = {"model.embed_dim": 96, "model.depth": 4, "model.num_heads": 4}
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _autocast(dev: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(dev.type, dtype=torch.bfloat16)
@@ -61,18 +57,18 @@ def _autocast(dev: torch.device, precision: str):
 
 def timed(step, warmup: int, steps: int, dev: torch.device) -> dict:
     """Run step(i) for warm-up then measured steps; seconds of the first step, of the warm-up, of the steady state."""
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     step(0)  # compilation, lazy CUDA/cuDNN initialisation, worker start-up
-    _sync(dev)
+    sync(dev)
     t1 = time.perf_counter()
     for i in range(1, warmup):
         step(i)
-    _sync(dev)
+    sync(dev)
     t2 = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step(i)
-    _sync(dev)
+    sync(dev)
     t3 = time.perf_counter()
     return {"first_s": t1 - t0, "warmup_s": t2 - t1, "steady_s": t3 - t2, "steps": steps}
 
@@ -81,7 +77,7 @@ def count_syncs(step, i: int, dev: torch.device) -> int | None:
     """Host-device synchronisations in one step (CUDA's sync-debug mode); None off CUDA."""
     if dev.type != "cuda":
         return None
-    _sync(dev)
+    sync(dev)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -89,7 +85,7 @@ def count_syncs(step, i: int, dev: torch.device) -> int | None:
             step(i)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    _sync(dev)
+    sync(dev)
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
@@ -439,7 +435,7 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding cifar-10-batches-py")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for '% of peak' (default: by name)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for '%% of peak' (default: by name)")
     p.add_argument("--quick", action="store_true", help="a tiny run (small model, few steps) to check the code")
     p.add_argument("--full-recipe", action="store_true", help="run smallvit.train on the baseline with compile")
     p.add_argument("--targets", nargs="+", type=float, default=[90.0, 93.0, 93.5], help="--full-recipe accuracies")

@@ -10,11 +10,11 @@ Timing is honest: warm-up steps are excluded and the device is synchronised befo
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import images_per_second
 
 from smallvit.augment import BatchAugment
 from smallvit.config import make_config, parse_overrides
@@ -22,11 +22,6 @@ from smallvit.data import DATASETS
 from smallvit.model import build_model, count_params, flops_per_image
 from smallvit.optim import build_optimizer
 from smallvit.runs import device_name
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def bench(preset: str, overrides: dict, steps: int, warmup: int, dev: torch.device, batch: int | None):
@@ -57,14 +52,7 @@ def bench(preset: str, overrides: dict, steps: int, warmup: int, dev: torch.devi
     out = {}
     for name, fn in (("model-only", lambda i: step(i, False)), ("full", lambda i: step(i, True)),
                      ("augment-only", aug_only)):
-        for i in range(warmup):
-            fn(i)
-        _sync(dev)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            fn(i)
-        _sync(dev)
-        out[name] = steps * B / (time.perf_counter() - t0)
+        out[name] = images_per_second(fn, steps, warmup, B, dev)
     return cfg, B, count_params(model), flops_per_image(model), out
 
 

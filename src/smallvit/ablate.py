@@ -6,14 +6,13 @@ A run with result.json is skipped; a run with only a checkpoint is resumed; anyt
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .config import ABLATIONS, Config, ConfigError, make_config
+from .config import ABLATIONS, Config, ConfigError, apply_overrides, make_config
 from .runs import CHECKPOINT, atomic_write_json
 
 STUDIES: dict[str, list[str]] = {
@@ -40,14 +39,8 @@ def scaled(cfg: Config, budget: float) -> Config:
     epochs = max(1, round(cfg.train.epochs * budget))
     warmup = min(round(cfg.optim.warmup_epochs * budget), epochs - 1)
     evals = max(1, min(cfg.train.eval_every_epochs, epochs)) if cfg.train.eval_every_epochs else 0
-    return make_config_from(cfg, {"train.epochs": epochs, "optim.warmup_epochs": warmup,
+    return apply_overrides(cfg, {"train.epochs": epochs, "optim.warmup_epochs": warmup,
                                   "train.eval_every_epochs": evals})
-
-
-def make_config_from(cfg: Config, overrides: dict) -> Config:
-    from .config import apply_overrides
-
-    return apply_overrides(cfg, overrides)
 
 
 def plan(study: str, seeds: int, preset: str = "baseline", budget: float = 1.0,
@@ -59,7 +52,7 @@ def plan(study: str, seeds: int, preset: str = "baseline", budget: float = 1.0,
     for name in STUDIES[study]:
         cfg = scaled(make_config(preset, overrides, ablation=name), budget)
         for seed in range(seeds):
-            runs.append((name, seed, make_config_from(cfg, {"train.seed": seed})))
+            runs.append((name, seed, apply_overrides(cfg, {"train.seed": seed})))
     return runs
 
 
@@ -98,7 +91,7 @@ def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float =
 
         for name, seed, cfg, folder in todo:
             if devices:
-                cfg = make_config_from(cfg, {"train.device": devices[0]})
+                cfg = apply_overrides(cfg, {"train.device": devices[0]})
             print(f"[{name} seed {seed}] {'resuming' if run_state(folder) == 'partial' else 'starting'} {folder}",
                   flush=True)
             if train(cfg, folder, resume=True)["status"] == "interrupted":  # SIGINT/SIGTERM stops the study too
@@ -138,6 +131,3 @@ def _budget_overrides(runs, name) -> list[str]:
     return [f"train.epochs={cfg.train.epochs}", f"optim.warmup_epochs={cfg.optim.warmup_epochs}",
             f"train.eval_every_epochs={cfg.train.eval_every_epochs}"]
 
-
-def describe(study: str) -> str:
-    return json.dumps({n: ABLATIONS[n] for n in STUDIES[study]})

@@ -9,6 +9,7 @@ import torch
 from . import data as D
 from .config import Config, from_dict
 from .model import ViT, build_model
+from .distributed import resolve_device
 from .runs import load_checkpoint, load_model_state
 
 
@@ -72,8 +73,7 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path) -> None:
 def evaluate_run(run: str | Path, data_dir: str | None = None, tta_flip: bool = False,
                  out_dir: str | Path | None = None, device: str = "auto") -> dict:
     """Test accuracy, per-class accuracy and a confusion-matrix PNG for a run folder or checkpoint."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model, cfg = load(run, dev)
     name = cfg.data.dataset
     root = data_dir if data_dir is not None else cfg.data.data_dir
