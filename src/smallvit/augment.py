@@ -21,18 +21,24 @@ from .config import AugConfig
 
 
 def crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop after zero padding `pad`, and horizontal flip with p = 0.5. Keeps dtype."""
+    """Per-sample horizontal flip with p = 0.5, then a random crop after zero padding `pad`. Keeps dtype.
+
+    Both are one gather from the padded batch: output pixel (i, j) of sample b reads padded pixel
+    (i + oy, j + ox), or (i + oy, Wp - 1 - ox - j) when b is flipped (flipping then padding = padding then flipping).
+    """
     B, C, H, W = x.shape
-    if flip:
-        do = torch.rand(B, device=x.device, generator=g) < 0.5
-        x = torch.where(do.view(B, 1, 1, 1), x.flip(3), x)
-    if pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad))  # zero (black) padding, as the reference
-        oy = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=g)
-        ox = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=g)
-        windows = xp.unfold(2, H, 1).unfold(3, W, 1)  # (B, C, 2p+1, 2p+1, H, W), a view: no copy
-        x = windows[torch.arange(B, device=x.device), :, oy, ox]  # (B, C, H, W)
-    return x
+    dev = x.device
+    do = torch.rand(B, device=dev, generator=g) < 0.5 if flip else None
+    if pad == 0 and do is None:
+        return x
+    Hp, Wp = H + 2 * pad, W + 2 * pad
+    xp = F.pad(x, (pad, pad, pad, pad)) if pad else x  # zero (black) padding, as the reference
+    oy = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=dev, generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=dev, generator=g)
+    j = torch.arange(W, device=dev).view(1, 1, W)
+    col = ox + j if do is None else torch.where(do.view(B, 1, 1), Wp - 1 - ox - j, ox + j)
+    index = (oy + torch.arange(H, device=dev).view(1, H, 1)) * Wp + col  # (B, H, W) into the padded image
+    return xp.reshape(B, C, Hp * Wp).gather(2, index.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
 
 def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, g: torch.Generator,
@@ -63,16 +69,17 @@ def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, g: 
     x0 = (torch.rand(B, device=dev, generator=g) * (W - w + 1).clamp(min=1)).long()
     ys = torch.arange(H, device=dev)[None, :]
     xs = torch.arange(W, device=dev)[None, :]
-    my = (ys >= y0[:, None]) & (ys < (y0 + h)[:, None])  # (B, H)
-    mx = (xs >= x0[:, None]) & (xs < (x0 + w)[:, None])  # (B, W)
-    mask = (my[:, :, None] & mx[:, None, :] & apply[:, None, None])[:, None]  # (B, 1, H, W)
+    my = ((ys >= y0[:, None]) & (ys < (y0 + h)[:, None])).float()  # (B, H)
+    mx = ((xs >= x0[:, None]) & (xs < (x0 + w)[:, None])).float()  # (B, W)
+    mask = (my[:, :, None] * mx[:, None, :] * apply.float()[:, None, None])[:, None]  # (B, 1, H, W), 0 or 1
     if cfg.erase_fill == "reference":  # raw dataset mean written into normalised space (SPEC 5.3.3)
         fill = fill_mean.view(1, C, 1, 1).to(x.dtype).expand_as(x)
     elif cfg.erase_fill == "zero":
-        fill = torch.zeros_like(x)
+        fill = x.new_zeros(1, 1, 1, 1).expand_as(x)
     else:
         fill = torch.randn(x.shape, device=dev, generator=g, dtype=x.dtype)
-    return torch.where(mask, fill, x)
+    # lerp with a 0/1 weight is exact (weight 1 returns `fill`) and, on CPU, ~10x faster than torch.where.
+    return torch.lerp(x, fill, mask)
 
 
 def smooth_targets(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -109,11 +116,12 @@ def mix(x: torch.Tensor, t: torch.Tensor, cfg: AugConfig, rng: np.random.Generat
     lam = float(rng.beta(a, a)) if a > 0 else 1.0
     perm = torch.randperm(x.shape[0], device=x.device, generator=g_dev)
     if kind == "mixup":
-        x = lam * x + (1 - lam) * x[perm]
+        x = torch.lerp(x, x.index_select(0, perm), 1 - lam)  # lam x + (1 - lam) x[perm]
     else:
         y0, y1, x0, x1, lam = cutmix_box(x.shape[2], x.shape[3], lam, rng)
+        box = x[:, :, y0:y1, x0:x1].index_select(0, perm)
         x = x.clone()
-        x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        x[:, :, y0:y1, x0:x1] = box
     return x, lam * t + (1 - lam) * t[perm], kind
 
 
@@ -124,7 +132,10 @@ class BatchAugment:
                  device: torch.device, seed: int = 0):
         self.cfg, self.num_classes, self.smoothing, self.seed = cfg, num_classes, label_smoothing, seed
         self.mean = torch.tensor(mean, device=device)
-        self.std = torch.tensor(std, device=device)
+        std = torch.tensor(std, device=device)
+        # (x / 255 - mean) / std as one multiply-add on the float batch.
+        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+        self.shift = (-self.mean / std).view(1, -1, 1, 1)
         self.g_dev = torch.Generator(device=device)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +145,7 @@ class BatchAugment:
         x = crop_flip(x, cfg.crop_pad, cfg.flip, self.g_dev)
         if cfg.autoaugment != "none":
             x = self._autoaugment(x)
-        x = (x.float() / 255.0 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        x = x.float().mul_(self.scale).add_(self.shift)
         if cfg.erase_p > 0:
             x = random_erasing(x, cfg, self.mean, self.g_dev)
         t = smooth_targets(y, self.num_classes, self.smoothing)

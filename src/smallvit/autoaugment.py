@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 FILL = 128.0  # grey fill for geometric ops (SPEC 5.3)
 
@@ -154,34 +153,61 @@ def op_magnitude(op: str, frac: float) -> float:
     return 0.0
 
 
-def _affine(x: torch.Tensor, op: str, v: torch.Tensor) -> torch.Tensor:
-    """Warp each image by its own shear / translate / rotate value; grey fill outside the source."""
-    N, C, H, W = x.shape
+GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+# Point ops map every pixel value through a per-image (and per-channel) table of 256 entries.
+POINT = ("brightness", "contrast", "posterize", "solarize", "autocontrast", "equalize", "invert")
+# Ops that share one kernel call on the CPU path (see _apply_stages); each kernel's ops are adjacent in KERNEL_ORDER.
+KERNELS = (("shear_x", "shear_y"), ("translate_x", "translate_y", "rotate"), ("color",), ("sharpness",), POINT)
+KERNEL_ORDER = ("identity",) + tuple(op for kernel in KERNELS for op in kernel)
+_RANK = torch.tensor([KERNEL_ORDER.index(op) for op in OPS])  # op id -> position in KERNEL_ORDER
+
+
+def _theta(op: str, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """affine_grid matrices (N, 2, 3) for shear / translate / rotate by the per-image values v (float).
+
+    The inverse maps (output pixel -> input pixel) are those of PIL and torchvision, in pixel units with the origin at
+    the top-left corner: shear about the corner (x_in = x + v y), rotation about the centre, positive =
+    counter-clockwise, translation by whole pixels. Written out here in grid_sample's normalised coordinates
+    (align_corners=False, pixel = (u + 1) size / 2), where the rotation about the centre has no offset.
+    """
     one, zero = torch.ones_like(v), torch.zeros_like(v)
-    # Inverse maps (output pixel -> input pixel) in pixel units, origin at the top-left corner, as PIL and
-    # torchvision: shear about the corner (x_in = x + v y), rotation about the centre, positive = counter-clockwise.
     if op == "shear_x":
-        m = (one, v, zero, zero, one, zero)
+        m = (one, v * (H / W), v * (H / W), zero, one, zero)
     elif op == "shear_y":
-        m = (one, zero, zero, v, one, zero)
+        m = (one, zero, zero, v * (W / H), one, v * (W / H))
     elif op == "translate_x":
-        m = (one, zero, -torch.round(v * W), zero, one, zero)
+        m = (one, zero, torch.round(v * W) * (-2 / W), zero, one, zero)
     elif op == "translate_y":
-        m = (one, zero, zero, zero, one, -torch.round(v * H))
-    else:
+        m = (one, zero, zero, zero, one, torch.round(v * H) * (-2 / H))
+    elif op == "rotate":
         a = torch.deg2rad(v)
-        c, s, cx, cy = a.cos(), a.sin(), W / 2, H / 2
-        m = (c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy)
-    m3 = torch.cat([torch.stack(m, 1).view(N, 2, 3), x.new_tensor([0.0, 0.0, 1.0], dtype=v.dtype).expand(N, 1, 3)], 1)
-    # grid_sample works in normalised coordinates (align_corners=False): pixel = (u + 1) * size / 2.
-    to_px = x.new_tensor([[W / 2, 0, W / 2], [0, H / 2, H / 2], [0, 0, 1]], dtype=v.dtype)
-    to_norm = x.new_tensor([[2 / W, 0, -1], [0, 2 / H, -1], [0, 0, 1]], dtype=v.dtype)
-    theta = (to_norm @ m3 @ to_px)[:, :2]
-    grid = F.affine_grid(theta, [N, C, H, W], align_corners=False)
-    mode = "bilinear" if op.startswith("shear") else "nearest"
+        c, s = a.cos(), a.sin()
+        m = (c, s * (-H / W), zero, s * (W / H), c, zero)
+    else:
+        raise ValueError(f"{op!r} is not a geometric op; geometric ops: {', '.join(GEOMETRIC)}")
+    return torch.stack(m, 1).view(-1, 2, 3)
+
+
+@functools.cache
+def _base_grid(H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Pixel-centre coordinates (u, v, 1) in grid_sample's normalised units (align_corners=False), (3, H * W)."""
+    u = (torch.arange(W, device=device, dtype=dtype) * 2 + 1) / W - 1
+    v = (torch.arange(H, device=device, dtype=dtype) * 2 + 1) / H - 1
+    return torch.stack([u.expand(H, W), v[:, None].expand(H, W), torch.ones(H, W, device=device, dtype=dtype)]
+                       ).view(3, H * W)
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+    """Resample each uint8 image through its own affine map (nearest or bilinear); grey fill outside the source."""
+    N, _, H, W = x.shape
+    # affine_grid's sampling grid as one (2N x 3) @ (3 x HW) matmul; on CPU F.affine_grid's batched 3-wide matmul
+    # costs several times more than the resampling itself.
+    grid = (theta.reshape(N * 2, 3) @ _base_grid(H, W, x.device, theta.dtype)).view(N, 2, H, W).permute(0, 2, 3, 1)
     # Sampling (x - FILL) with zero padding and adding FILL back gives exact grey where the source is missing.
-    out = F.grid_sample(x.to(v.dtype) - FILL, grid, mode=mode, padding_mode="zeros", align_corners=False) + FILL
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    # Nearest sampling returns source values, already whole and in range; bilinear ones are rounded.
+    out = F.grid_sample(x.to(theta.dtype).sub_(FILL), grid, mode=mode, padding_mode="zeros", align_corners=False)
+    out = out.add_(FILL)
+    return (out if mode == "nearest" else out.round_().clamp_(0, 255)).to(torch.uint8)
 
 
 def _grey(xf: torch.Tensor) -> torch.Tensor:
@@ -191,55 +217,122 @@ def _grey(xf: torch.Tensor) -> torch.Tensor:
     return (0.2989 * xf[:, 0:1] + 0.587 * xf[:, 1:2] + 0.114 * xf[:, 2:3]).floor_()
 
 
+def _blend(x: torch.Tensor, degenerate, factor: torch.Tensor) -> torch.Tensor:
+    """PIL ImageEnhance x + (1 - f)(degenerate - x), one factor f per image; the cast truncates, as torchvision's
+    uint8 kernels do. x is float; factor (N,) broadcasts over x's trailing dimensions."""
+    f = factor.float().view(-1, *([1] * (x.dim() - 1)))
+    return (x + (degenerate - x) * (1.0 - f)).clamp_(0, 255).to(torch.uint8)
+
+
 def _enhance(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Tensor:
-    """PIL ImageEnhance-style blend x + (1 - f)(degenerate - x) with one factor f per image."""
+    """Color (blend with the grey image) or sharpness (blend with a 3x3-smoothed image) with one factor per image.
+
+    The blends are a lerp: one pass over the images instead of three (a rounding step apart from the blend of the
+    point ops, still within one grey level of torchvision).
+    """
+    w = (1.0 - factor.float()).view(-1, 1, 1, 1)
     xf = x.float()
-    if op == "brightness":
-        deg = torch.zeros_like(xf)
-    elif op == "color":
-        deg = _grey(xf).expand_as(xf)
+    if op == "color":
+        return torch.lerp(xf, _grey(xf).expand_as(xf), w).clamp_(0, 255).to(torch.uint8)
+    # Sharpness: PIL's smoothing kernel (1s around a 5, / 13); the one-pixel border stays as it is, so only the
+    # interior is blended. Written as shifted sums: on CPU several times faster than a grouped conv2d, and exact
+    # (integer sums; S / 13 is never a tie).
+    inner = xf[:, :, 1:-1, 1:-1]
+    rows = xf[:, :, :, :-2] + xf[:, :, :, 1:-1] + xf[:, :, :, 2:]
+    smooth = (rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]).add_(inner, alpha=4.0).div_(13.0).round_()
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = torch.lerp(inner, smooth, w).clamp_(0, 255)
+    return out
+
+
+def _point_lut(x: torch.Tensor, op: str, value: torch.Tensor) -> torch.Tensor:
+    """The table (N, C, 256) uint8 that maps each pixel value of each image and channel for point op `op`.
+
+    Every entry is computed with the same arithmetic torchvision applies pixel by pixel, so applying the table gives
+    its results; a table costs 256 entries per channel instead of H * W, and one gather applies any mix of point ops.
+    """
+    N, C, H, W = x.shape
+    v = torch.arange(256, device=x.device, dtype=torch.float32)
+    if op == "posterize":
+        keep = (256 - torch.exp2(8 - value)).to(torch.uint8)  # mask keeping the top `bits` bits: 8 -> 255, 4 -> 240
+        lut = torch.arange(256, device=x.device, dtype=torch.uint8) & keep.view(N, 1, 1)
+    elif op == "solarize":
+        lut = torch.where(v >= value.view(N, 1, 1), 255 - v, v).to(torch.uint8)
+    elif op == "invert":
+        lut = (255 - v).to(torch.uint8).expand(N, 1, 256)
+    elif op == "brightness":
+        lut = _blend(v.expand(N, 1, 256), 0.0, 1.0 + value)
     elif op == "contrast":
-        deg = _grey(xf).mean(dim=(1, 2, 3), keepdim=True).expand_as(xf)
-    else:  # sharpness: 3x3 smoothing kernel (1s around a 5, / 13); the one-pixel border is left as it is
-        C = x.shape[1]
-        k = xf.new_tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).div_(13.0).expand(C, 1, 3, 3)
-        deg = xf.clone()
-        deg[:, :, 1:-1, 1:-1] = F.conv2d(xf, k, groups=C).round_()
-    f = factor.view(-1, 1, 1, 1).float()
-    # The cast truncates, as torchvision's uint8 kernels do.
-    return (xf + (deg - xf) * (1.0 - f)).clamp_(0, 255).to(torch.uint8)
+        mean = _grey(x.float()).mean(dim=(1, 2, 3)).view(N, 1, 1)
+        lut = _blend(v.expand(N, 1, 256), mean, 1.0 + value)
+    elif op == "autocontrast":  # torchvision: (x - min) / ((max - min) / 255) per channel; flat channels unchanged
+        lo = x.amin(dim=(2, 3)).float()[..., None]
+        hi = x.amax(dim=(2, 3)).float()[..., None]
+        flat = hi == lo
+        scale = torch.where(flat, 1.0, (hi - lo) * (1.0 / 255.0))
+        lut = (v - torch.where(flat, 0.0, lo)).div_(scale).clamp_(0, 255).to(torch.uint8)
+    elif op == "equalize":
+        # torchvision's (and PIL's) table from each channel's histogram, in float32: every count is a whole number
+        # below 2^24 and the divisor at most 4 (32 x 32), so the floors are exact; integer division is far slower.
+        flat_x = x.reshape(N * C, H * W).long()
+        hist = torch.zeros(N * C, 256, device=x.device).scatter_add_(1, flat_x, v.new_ones(1, 1).expand_as(flat_x))
+        last = hist.gather(1, x.amax(dim=(2, 3)).view(N * C, 1).long())  # count of the largest value present
+        step = (H * W - last).div_(255).floor_()
+        table = hist.cumsum(1).add_(step.div(2).floor_()).div_(step.clamp(min=1)).floor_().clamp_(0, 255)
+        valid = (step > 0).float()  # no equalisation when one value fills the channel, as PIL
+        lut = torch.cat([table.new_zeros(N * C, 1), table[:, :-1]], 1).sub_(v).mul_(valid).add_(v)
+        lut = lut.to(torch.uint8).view(N, C, 256)
+    else:
+        raise ValueError(f"{op!r} is not a point op; point ops: {', '.join(POINT)}")
+    return lut.expand(N, C, 256)
+
+
+def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    N, C, H, W = x.shape
+    return lut.gather(2, x.reshape(N, C, H * W).long()).view(N, C, H, W)
 
 
 def apply_op(x: torch.Tensor, op: str, value: torch.Tensor) -> torch.Tensor:
     """Apply `op` to uint8 images (N, C, H, W) with one signed value per image (N,) in op_magnitude()'s units."""
-    if op in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"):
-        return _affine(x, op, value.float())
-    if op in ("color", "contrast", "sharpness", "brightness"):
+    if op in GEOMETRIC:
+        return _warp(x, _theta(op, value.float(), *x.shape[2:]), "bilinear" if op.startswith("shear") else "nearest")
+    if op in ("color", "sharpness"):
         return _enhance(x, op, 1.0 + value)
-    if op == "posterize":
-        keep = 256 - torch.exp2(8 - value)  # mask keeping the top `bits` bits: 8 -> 255, 4 -> 240
-        return x & keep.to(torch.uint8).view(-1, 1, 1, 1)
-    if op == "solarize":
-        return torch.where(x >= value.view(-1, 1, 1, 1), 255 - x, x)
-    if op == "autocontrast":
-        return TF.autocontrast(x)
-    if op == "equalize":
-        return TF.equalize(x)
-    if op == "invert":
-        return TF.invert(x)
+    if op in POINT:
+        return _apply_lut(x, _point_lut(x, op, value))
     if op == "identity":
         return x
     raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
 
 
+def _apply_kernel(x: torch.Tensor, kernel: tuple[str, ...], runs: list[tuple[str, int]], values: torch.Tensor
+                  ) -> torch.Tensor:
+    """One call for a sub-batch whose samples drew ops of one kernel, sorted by op: `runs` = [(op, count), ...]."""
+    if len(runs) == 1:
+        return apply_op(x, runs[0][0], values)
+    parts, start = [], 0
+    for op, count in runs:
+        xs, vs = x[start:start + count], values[start:start + count]
+        if kernel is POINT:
+            parts.append(_point_lut(xs, op, vs))
+        else:  # affine ops sharing one interpolation mode: one matrix per sample, one resampling
+            parts.append(_theta(op, vs.float(), *x.shape[2:]))
+        start += count
+    if kernel is POINT:
+        return _apply_lut(x, torch.cat(parts))
+    return _warp(x, torch.cat(parts), "bilinear" if kernel[0].startswith("shear") else "nearest")
+
+
 def _apply_stages(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor, fired: torch.Tensor,
                   candidates: tuple[str, ...] = OPS, sync_free: bool | None = None) -> torch.Tensor:
-    """Run stage after stage; in each, every op type is applied once to the samples that drew and fired it.
+    """Run stage after stage, every sample through its own op of that stage where it fired.
 
     sync_free (default: on CUDA) never reads the draws on the host: each candidate op runs on the whole batch and
     a mask keeps it where it was drawn. That wastes work that a GPU does not notice on 32-px images, and keeps the
-    step free of host syncs (for CUDA graphs and an unblocked launch queue). On CPU, gathering the sub-batches is
-    several times cheaper, at the price of one sync per call.
+    step free of host syncs (for CUDA graphs and an unblocked launch queue).
+    On CPU (the default there) samples are sorted by op and each kernel (KERNELS: all point ops as one per-image
+    lookup table, all nearest-neighbour affine ops as one resampling, ...) runs once per stage on the samples that
+    drew it, at the price of one host sync per call; per-call overhead, not arithmetic, dominates on 32-px images.
     """
     if sync_free if sync_free is not None else x.is_cuda:
         out = x
@@ -250,20 +343,27 @@ def _apply_stages(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor, fire
                 sel = (fired[:, s] & (ops[:, s] == OP_ID[op])).view(-1, 1, 1, 1)
                 out = torch.where(sel, apply_op(out, op, values[:, s]), out)
         return out
-    S = ops.shape[1]
-    n = len(OPS) + 1  # the extra bucket collects samples whose op did not fire
-    key = torch.where(fired, ops, len(OPS))
+    S, n = ops.shape[1], len(KERNEL_ORDER)
+    key = torch.where(fired, _RANK.to(x.device)[ops], 0)  # 0 = identity: drawn but not fired
     # All group sizes in one transfer: the only host sync of the whole call.
     counts = torch.bincount((key + n * torch.arange(S, device=x.device)).flatten(), minlength=n * S).view(S, n).tolist()
-    out = x.clone()
+    out = x
     for s in range(S):
-        order = torch.argsort(key[:, s], stable=True)  # samples grouped by op id
-        start = 0
-        for op_id, count in enumerate(counts[s][:-1]):
-            if count and OPS[op_id] != "identity":
-                idx = order[start:start + count]
-                out.index_copy_(0, idx, apply_op(out.index_select(0, idx), OPS[op_id], values[idx, s]))
-            start += count
+        if counts[s][0] == x.shape[0]:
+            continue
+        # Sort the batch by op (ops grouped by kernel): each kernel then works on a contiguous slice, and one gather
+        # before and one after the stage replace a gather and a scatter per kernel.
+        order = torch.argsort(key[:, s], stable=True)
+        xs, vs = out.index_select(0, order), values[:, s].index_select(0, order)  # not x[order]: 10x slower
+        parts, start, rank = [xs[:counts[s][0]]], counts[s][0], 1
+        for kernel in KERNELS:
+            runs = [(op, counts[s][rank + i]) for i, op in enumerate(kernel) if counts[s][rank + i]]
+            rank += len(kernel)
+            total = sum(c for _, c in runs)
+            if total:
+                parts.append(_apply_kernel(xs[start:start + total], kernel, runs, vs[start:start + total]))
+            start += total
+        out = torch.cat(parts).index_select(0, torch.argsort(order))
     return out
 
 
