@@ -11,6 +11,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -20,25 +21,37 @@ import torch.nn.functional as F
 from .config import AugConfig
 
 
+@functools.cache
+def _crop_flip_index(H: int, W: int, pad: int, device: torch.device) -> torch.Tensor:
+    """For every (flip, oy, ox): the flat index into the padded image of each output pixel, (2, 2p+1, 2p+1, H * W).
+
+    Output pixel (i, j) reads padded pixel (i + oy, j + ox), or (i + oy, Wp - 1 - ox - j) when flipped (flipping then
+    padding = padding then flipping). 2 x 81 x 1024 entries for CIFAR: built once, then one row per sample.
+    """
+    Wp, k = W + 2 * pad, 2 * pad + 1
+    o = torch.arange(k, device=device)
+    i, j = torch.arange(H, device=device), torch.arange(W, device=device)
+    rows = (o.view(k, 1, 1) + i.view(1, H, 1)) * Wp  # (oy, i, 1)
+    cols = torch.stack([o.view(k, 1) + j, Wp - 1 - o.view(k, 1) - j])  # (flip, ox, j)
+    return (rows.view(1, k, 1, H, 1) + cols.view(2, 1, k, 1, W)).reshape(2, k, k, H * W)
+
+
 def crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
     """Per-sample horizontal flip with p = 0.5, then a random crop after zero padding `pad`. Keeps dtype.
 
-    Both are one gather from the padded batch: output pixel (i, j) of sample b reads padded pixel
-    (i + oy, j + ox), or (i + oy, Wp - 1 - ox - j) when b is flipped (flipping then padding = padding then flipping).
+    Both are one gather from the padded batch through a precomputed index row per (flip, oy, ox).
     """
     B, C, H, W = x.shape
     dev = x.device
-    do = torch.rand(B, device=dev, generator=g) < 0.5 if flip else None
-    if pad == 0 and do is None:
+    do = (torch.rand(B, device=dev, generator=g) < 0.5).long() if flip else torch.zeros(B, dtype=torch.long, device=dev)
+    if pad == 0 and not flip:
         return x
-    Hp, Wp = H + 2 * pad, W + 2 * pad
+    k = 2 * pad + 1
+    oy = torch.randint(0, k, (B,), device=dev, generator=g)
+    ox = torch.randint(0, k, (B,), device=dev, generator=g)
+    index = _crop_flip_index(H, W, pad, dev).view(2 * k * k, H * W).index_select(0, (do * k + oy) * k + ox)
     xp = F.pad(x, (pad, pad, pad, pad)) if pad else x  # zero (black) padding, as the reference
-    oy = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=dev, generator=g)
-    ox = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=dev, generator=g)
-    j = torch.arange(W, device=dev).view(1, 1, W)
-    col = ox + j if do is None else torch.where(do.view(B, 1, 1), Wp - 1 - ox - j, ox + j)
-    index = (oy + torch.arange(H, device=dev).view(1, H, 1)) * Wp + col  # (B, H, W) into the padded image
-    return xp.reshape(B, C, Hp * Wp).gather(2, index.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
+    return xp.reshape(B, C, -1).gather(2, index.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
 
 def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, g: torch.Generator,
