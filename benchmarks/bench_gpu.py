@@ -33,11 +33,12 @@ from timing import sync
 import torch.nn.functional as F
 
 from smallvit.augment import BatchAugment
-from smallvit.config import make_config, parse_overrides
+from smallvit.config import COMPILE_MODES, make_config, parse_overrides
 from smallvit.data import DATASETS, DataError, load
 from smallvit.model import build_model, count_params, flops_per_image
 from smallvit.optim import build_optimizer, schedule_factor, set_lr
 from smallvit.runs import device_name, read_metrics
+from smallvit.train import chunk_steps
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -126,26 +127,31 @@ def training_data(data_dir: str, n_random: int) -> tuple[torch.Tensor, torch.Ten
 # ---- smallvit: the training step of smallvit.train
 
 
-def bench_smallvit(cfg, x_cpu, y_cpu, dev, B, precision, compile_, warmup, steps) -> dict:
-    """The step of smallvit.train: device-resident uint8 data, BatchAugment, (compiled) model, fused AdamW."""
+def bench_smallvit(cfg, x_cpu, y_cpu, dev, B, precision, compile_, warmup, steps, compile_mode="default") -> dict:
+    """The step of smallvit.train: device-resident uint8 data, BatchAugment on aug.chunk_images images per call
+    (per-step mixing), the (compiled) model, fused AdamW."""
     info = DATASETS[cfg.data.dataset]
     _reset_mem(dev)
     x_u8, y = x_cpu.to(dev), y_cpu.to(dev)
     torch.manual_seed(0)
     model = build_model(cfg.model).to(dev)
     opt = build_optimizer(model, cfg.optim, dev)
-    fwd = torch.compile(model) if compile_ else model
+    fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_ else model
     aug = BatchAugment(cfg.aug, info.mean, info.std, cfg.model.num_classes, cfg.train.label_smoothing, dev)
-    perm = torch.randperm(len(x_u8), device=dev)  # one shuffled pass held on the device, sliced per step
+    K = chunk_steps(cfg.aug.chunk_images, B, dev)
+    perm = torch.randperm(len(x_u8), device=dev)  # shuffled indices held on the device, sliced per chunk
     loss_sum = torch.zeros((), device=dev)
-    span = len(x_u8) - B + 1
+    span = len(x_u8) - K * B + 1
+    chunk = {}
 
     def step(i):
-        start = (i * B) % span
-        idx = perm[start : start + B]
+        c, j = divmod(i, K)
+        if chunk.get("c") != c:
+            idx = perm[(c * K * B) % span:][: K * B]
+            chunk.update(c=c, x=aug.images(x_u8.index_select(0, idx), c), y=y.index_select(0, idx))
         torch.manual_seed(i)  # as train.py: drop path reseeded per step (a host-side call, no sync)
         set_lr(opt, schedule_factor(i, 100_000, 1_000, cfg.optim))
-        xb, tb = aug(x_u8[idx], y[idx], i)
+        xb, tb = aug.targets(chunk["x"][j * B:(j + 1) * B], chunk["y"][j * B:(j + 1) * B], i)
         with _autocast(dev, precision):
             logits = fwd(xb)
         loss = torch.sum(-tb * F.log_softmax(logits.float(), dim=1), dim=1).mean()
@@ -297,17 +303,18 @@ def run_throughput(a, overrides: dict, dev: torch.device) -> str:
     B = a.batch or cfg.train.batch_size
     if B % 2:
         raise SystemExit("--batch must be even (timm's Mixup pairs the batch with its reverse)")
-    x, y, source = training_data(a.data_dir, max(4 * B, 2048))
+    x, y, source = training_data(a.data_dir, max(4 * B, 2048, (chunk_steps(cfg.aug.chunk_images, B, dev) + 1) * B))
     if len(x) < B:
         raise SystemExit(f"--batch {B} is larger than the {len(x)} training images")
+    if len(x) < chunk_steps(cfg.aug.chunk_images, B, dev) * B:
+        raise SystemExit(f"aug.chunk_images is larger than the {len(x)} training images; --set aug.chunk_images=N")
     precision = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     rows = []
     if "smallvit" in a.stacks:
-        for comp in [False, True] if a.compile else [False]:
-            r = bench_smallvit(cfg, x, y, dev, B, precision, comp, a.warmup, a.steps)
-            rows.append({"stack": "smallvit", "precision": precision, "compile": "yes" if comp else "no",
-                         "workers": "-", **r})
-            print(f"smallvit compile={comp}: {B * r['steps'] / r['steady_s']:.0f} img/s", flush=True)
+        for mode in ["no"] + (a.compile_modes if a.compile else []):
+            r = bench_smallvit(cfg, x, y, dev, B, precision, mode != "no", a.warmup, a.steps, mode)
+            rows.append({"stack": "smallvit", "precision": precision, "compile": mode, "workers": "-", **r})
+            print(f"smallvit compile={mode}: {B * r['steps'] / r['steady_s']:.0f} img/s", flush=True)
     if {"loader", "standard"} & set(a.stacks):
         loader = standard_loader(x, y, B, a.workers, cfg.model.img_size, pin=dev.type == "cuda")
         # The workers fill prefetch_factor batches each while the first steps run; draining that buffer in the
@@ -426,6 +433,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps incl. the first (default 10; --quick 2)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: train.batch_size; --quick 64)")
     p.add_argument("--compile", action="store_true", help="also measure smallvit with torch.compile")
+    p.add_argument("--compile-modes", nargs="+", default=["default"], choices=list(COMPILE_MODES),
+                   help="torch.compile modes for --compile (reduce-overhead = CUDA graphs)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="smallvit precision (auto: bf16 on CUDA, fp32 on CPU, as train.precision=auto)")
     p.add_argument("--standard-precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])

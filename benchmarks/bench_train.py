@@ -1,7 +1,10 @@
 """Training throughput (img/s) on the current device: model-only step vs full step, per preset.
 
 model-only: forward + backward + optimiser step on an already-normalised batch.
-full:       the same plus the batched augmentation (crop/flip, AutoAugment, erasing, mixing) from uint8 data.
+full:       the same plus the batched augmentation (crop/flip, AutoAugment, erasing, mixing) from uint8 data, as
+            train.py runs it: the per-sample part on aug.chunk_images images per call, the mixing per step.
+Use --warmup and --steps as multiples of the chunk's steps (the table's "aug chunk" / batch), so that the timed
+steps hold whole chunks.
 Timing is honest: warm-up steps are excluded and the device is synchronised before reading the clock.
 
     python benchmarks/bench_train.py --presets baseline quick --steps 10 --out benchmarks/results/train_cpu.md
@@ -22,6 +25,7 @@ from smallvit.data import DATASETS
 from smallvit.model import build_model, count_params, flops_per_image
 from smallvit.optim import build_optimizer
 from smallvit.runs import device_name
+from smallvit.train import chunk_steps
 
 
 def bench(preset: str, overrides: dict, steps: int, warmup: int, dev: torch.device, batch: int | None):
@@ -32,13 +36,30 @@ def bench(preset: str, overrides: dict, steps: int, warmup: int, dev: torch.devi
     opt = build_optimizer(model, cfg.optim, dev)
     aug = BatchAugment(cfg.aug, info.mean, info.std, cfg.model.num_classes, cfg.train.label_smoothing, dev)
     bf16 = dev.type == "cuda"
+    K = chunk_steps(cfg.aug.chunk_images, B, dev)  # as train.py: per-sample augmentation of K batches per call
     g = torch.Generator(device="cpu").manual_seed(0)
-    x_u8 = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=g).to(dev)
-    y = torch.randint(0, cfg.model.num_classes, (B,), generator=g).to(dev)
-    x_f, t_f = aug(x_u8, y, 0)
+    x_u8 = torch.randint(0, 256, (K * B, 3, 32, 32), dtype=torch.uint8, generator=g).to(dev)
+    y = torch.randint(0, cfg.model.num_classes, (K * B,), generator=g).to(dev)
+    x_f, t_f = aug(x_u8[:B], y[:B], 0)
+
+    def augmenter():
+        """Augmented batches in train.py's order; counts its own calls (the timer repeats step numbers)."""
+        state = {"calls": 0}
+
+        def next_batch():
+            i = state["calls"]
+            state["calls"] += 1
+            c, j = divmod(i, K)
+            if j == 0:
+                state["x"] = aug.images(x_u8, c)
+            return aug.targets(state["x"][j * B:(j + 1) * B], y[j * B:(j + 1) * B], i)
+
+        return next_batch
+
+    full_batches, aug_batches = augmenter(), augmenter()
 
     def step(i, full):
-        xb, tb = aug(x_u8, y, i) if full else (x_f, t_f)
+        xb, tb = full_batches() if full else (x_f, t_f)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(xb)
         loss = torch.sum(-tb * F.log_softmax(logits.float(), 1), 1).mean()
@@ -47,13 +68,13 @@ def bench(preset: str, overrides: dict, steps: int, warmup: int, dev: torch.devi
         opt.step()
 
     def aug_only(i):
-        aug(x_u8, y, i)
+        aug_batches()
 
     out = {}
     for name, fn in (("model-only", lambda i: step(i, False)), ("full", lambda i: step(i, True)),
                      ("augment-only", aug_only)):
         out[name] = images_per_second(fn, steps, warmup, B, dev)
-    return cfg, B, count_params(model), flops_per_image(model), out
+    return cfg, B, K, count_params(model), flops_per_image(model), out
 
 
 def main():
@@ -70,12 +91,12 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    rows = ["| preset | params | GFLOP/img (fwd) | batch | model-only img/s | full step img/s | augment-only img/s "
-            "| augment share of step |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| preset | params | GFLOP/img (fwd) | batch | aug chunk | model-only img/s | full step img/s "
+            "| augment-only img/s | augment share of step |", "|---|---|---|---|---|---|---|---|---|"]
     for preset in a.presets:
-        cfg, B, n, fl, r = bench(preset, parse_overrides(a.set), a.steps, a.warmup, dev, a.batch)
+        cfg, B, K, n, fl, r = bench(preset, parse_overrides(a.set), a.steps, a.warmup, dev, a.batch)
         share = 1 - r["full"] / r["model-only"]
-        rows.append(f"| {preset} | {n:,} | {fl / 1e9:.3f} | {B} | {r['model-only']:.0f} | {r['full']:.0f} | "
+        rows.append(f"| {preset} | {n:,} | {fl / 1e9:.3f} | {B} | {K * B} | {r['model-only']:.0f} | {r['full']:.0f} | "
                     f"{r['augment-only']:.0f} | {100 * share:.1f}% |")
     table = "\n".join(rows)
     head = f"Training throughput on {device_name(dev)}, torch {torch.__version__}\n\n"

@@ -13,6 +13,7 @@ import torch
 
 from conftest import smoke_config
 from smallvit import train
+from smallvit.config import ConfigError
 from smallvit.runs import read_metrics
 
 T = importlib.import_module("smallvit.train")  # the module: `import smallvit.train` gives the re-exported function
@@ -99,3 +100,20 @@ def test_cuda_policy_has_no_per_step_sync(fake_cifar, tmp_path, monkeypatch):
     calls, steps = _run_for_syncs(fake_cifar, tmp_path, monkeypatch)
     assert calls[("distributed.py", "any_rank")] == 0
     assert sum(n for (file, _), n in calls.items() if file in ("train.py", "distributed.py")) <= 8, calls
+
+
+@pytest.mark.parametrize("mode, expected", [("default", None), ("reduce-overhead", "reduce-overhead")])
+def test_compile_mode_reaches_torch_compile(fake_cifar, tmp_path, monkeypatch, mode, expected):
+    """train.compile_mode is passed to torch.compile (reduce-overhead = CUDA graphs on a GPU); bad modes are refused."""
+    seen = []
+
+    def fake_compile(model, mode=None):
+        seen.append(mode)
+        return model
+
+    monkeypatch.setattr(T.torch, "compile", fake_compile)
+    train(smoke_config(fake_cifar, **{"train.max_steps": 1, "train.compile": True, "train.compile_mode": mode,
+                                      "data.test_subset": 64}), tmp_path / "r")
+    assert seen == [expected]
+    with pytest.raises(ConfigError, match="train.compile_mode must be one of default, reduce-overhead"):
+        smoke_config(fake_cifar, **{"train.compile_mode": "fast"})

@@ -461,8 +461,8 @@ def _inject(monkeypatch, step: int, make):
     """Replace the training batch at one step (0-based) with make(batch)."""
 
     class Faulty(BatchAugment):
-        def __call__(self, x, y, s):
-            xb, tb = super().__call__(x, y, s)
+        def targets(self, x, y, s):
+            xb, tb = super().targets(x, y, s)
             return (make(xb) if s == step else xb), tb
 
     monkeypatch.setattr(T, "BatchAugment", Faulty)

@@ -1,6 +1,8 @@
+import importlib
 import json
 
 import pytest
+import torch
 
 from conftest import REAL_DATA, needs_real_cifar, smoke_config
 from smallvit import train
@@ -107,3 +109,22 @@ def test_checkpoint_carries_the_dataset_facts(fake_cifar, tmp_path, monkeypatch)
     monkeypatch.setattr(D, "dataset_meta", gone)  # e.g. an image folder that is not there any more
     model, preprocess, names = smallvit.load(out)
     assert names == tuple(saved["class_names"]) and preprocess.mean.tolist() == pytest.approx(saved["mean"])
+
+
+@pytest.mark.parametrize("chunk_images, sizes", [(192, [192] * 6), (0, [512, 512, 128]), (1, [64] * 18)])
+def test_augmentation_runs_once_per_chunk_of_steps(fake_cifar, tmp_path, monkeypatch, chunk_images, sizes):
+    """aug.chunk_images batches whole steps into one augmentation call (0 = auto: 512 images on CPU)."""
+    T = importlib.import_module("smallvit.train")  # the module; smallvit.train is also the function
+
+    calls = []
+
+    class Counting(T.BatchAugment):
+        def images(self, x, key):
+            calls.append((x.shape[0], key))
+            return super().images(x, key)
+
+    monkeypatch.setattr(T, "BatchAugment", Counting)
+    result = train(smoke_config(fake_cifar, **{"aug.chunk_images": chunk_images}), tmp_path / "r")  # 2 x 9 steps
+    assert result["step"] == 18
+    assert [n for n, _ in calls] == sizes and [k for _, k in calls] == list(range(len(sizes)))
+    assert T.chunk_steps(0, 64, torch.device("cuda")) == 64 and T.chunk_steps(100, 64, torch.device("cpu")) == 1

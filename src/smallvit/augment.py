@@ -139,7 +139,14 @@ def mix(x: torch.Tensor, t: torch.Tensor, cfg: AugConfig, rng: np.random.Generat
 
 
 class BatchAugment:
-    """The whole training augmentation for one batch: uint8 images + labels -> normalised floats + soft targets."""
+    """The whole training augmentation: uint8 images + labels -> normalised floats + soft targets.
+
+    Two parts, so that the per-image part can run on several steps' batches at once (train.py, aug.chunk_images):
+    images(x, key) does the per-sample work (crop, flip, AutoAugment, normalise, Random Erasing), seeded by `key`;
+    targets(x, y, step) does the per-batch work (label smoothing, Mixup/CutMix), seeded by the step. One call for
+    many images amortises the fixed cost of each op: on a GPU, kernel launches (hundreds per call for the
+    sync-free AutoAugment); on a CPU, per-op overhead. __call__ is both for one batch, keyed by its step.
+    """
 
     def __init__(self, cfg: AugConfig, mean, std, num_classes: int, label_smoothing: float,
                  device: torch.device, seed: int = 0):
@@ -150,20 +157,33 @@ class BatchAugment:
         self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
         self.shift = (-self.mean / std).view(1, -1, 1, 1)
         self.g_dev = torch.Generator(device=device)
+        self.g_mix = torch.Generator(device=device)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _seed(self, key: int) -> int:
+        return (self.seed * 1_000_003 + key) * 2 + 1
+
+    def images(self, x: torch.Tensor, key: int) -> torch.Tensor:
+        """Per-sample augmentation of uint8 images (B, C, H, W) -> normalised float32; a pure function of key."""
         cfg = self.cfg
-        s = (self.seed * 1_000_003 + step) * 2 + 1
-        self.g_dev.manual_seed(s)
+        self.g_dev.manual_seed(self._seed(key))
         x = crop_flip(x, cfg.crop_pad, cfg.flip, self.g_dev)
         if cfg.autoaugment != "none":
             x = self._autoaugment(x)
         x = x.float().mul_(self.scale).add_(self.shift)
         if cfg.erase_p > 0:
             x = random_erasing(x, cfg, self.mean, self.g_dev)
+        return x
+
+    def targets(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Smoothed soft targets and the batch-level Mixup/CutMix of one step's batch; a pure function of step."""
+        s = self._seed(step)
+        self.g_mix.manual_seed(s - 1)
         t = smooth_targets(y, self.num_classes, self.smoothing)
-        x, t, _ = mix(x, t, cfg, np.random.default_rng(s), self.g_dev)
+        x, t, _ = mix(x, t, self.cfg, np.random.default_rng(s), self.g_mix)
         return x, t
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.targets(self.images(x, step), y, step)
 
     def _autoaugment(self, x: torch.Tensor) -> torch.Tensor:
         from . import autoaugment

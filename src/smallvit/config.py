@@ -72,6 +72,9 @@ class AugConfig:
     # batch); "in_batch" = the torchrun meaning (each image `repeats` times in a row inside a batch).
     repeat_mode: str = "passes"
     repeats: int = 3
+    # Images augmented per call, as whole steps' batches (at least one): fewer, larger calls amortise per-op costs
+    # (kernel launches on a GPU). 0 = auto: 4096 on CUDA, 512 on CPU. Part of the random stream, like the seed.
+    chunk_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    # torch.compile mode: default | reduce-overhead (CUDA graphs: one launch per graph instead of one per kernel,
+    # for small models whose steps are launch-bound) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
     log_every_steps: int = 50
     progress: bool = True
@@ -316,6 +322,9 @@ def _check(ok: bool, msg: str):
         raise ConfigError(msg)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate(cfg: Config) -> None:
     """Check value ranges and cross-field constraints; raise ConfigError naming the key."""
     m, a, o, t, d = cfg.model, cfg.aug, cfg.optim, cfg.train, cfg.data
@@ -355,6 +364,7 @@ def validate(cfg: Config) -> None:
     _check(a.repeat_mode in ("passes", "in_batch"), "aug.repeat_mode must be passes or in_batch")
     _check(a.repeats >= 1, "aug.repeats must be >= 1")
     _check(a.crop_pad >= 0, "aug.crop_pad must be >= 0")
+    _check(a.chunk_images >= 0, "aug.chunk_images must be >= 0 (0 = auto)")
     _check(o.name in ("adamw", "lion", "muon"), f"optim.name must be adamw, lion or muon, got {o.name!r}")
     _check(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _check(0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]")
@@ -367,6 +377,7 @@ def validate(cfg: Config) -> None:
     _check(t.eval_every_epochs >= 0, "train.eval_every_epochs must be >= 0")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip")
+    _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
 
 

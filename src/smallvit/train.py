@@ -44,8 +44,8 @@ from .runs import (
 # Keys that may differ between a checkpoint and the resuming config (they do not change the result, or, for
 # on_nonfinite, only decide what happens after a fault: the documented fix is to resume with skip).
 RESUME_FREE_KEYS = {"train.max_steps", "train.progress", "train.log_every_steps", "train.device", "train.threads",
-                    "train.compile", "train.checkpoint_every_steps", "train.on_nonfinite", "data.data_dir",
-                    "data.download"}
+                    "train.compile", "train.compile_mode", "train.checkpoint_every_steps", "train.on_nonfinite",
+                    "data.data_dir", "data.download"}
 
 
 def default_run_dir(cfg: Config, root: str = "runs") -> Path:
@@ -184,7 +184,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                               else None)
-    fwd = torch.compile(ddp_model) if t.compile else ddp_model
+    fwd = torch.compile(ddp_model, mode=None if t.compile_mode == "default" else t.compile_mode) if t.compile \
+        else ddp_model
     augment = BatchAugment(a, info.mean, info.std, m.num_classes, t.label_smoothing, device,
                            seed=dist_.rank_seed(t.seed, rank))
 
@@ -222,20 +223,32 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     loss_count, timer_start, stopping = int(pending[1]), None, False
     timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
     wall_start = time.perf_counter()
-    epoch_cache = (-1, None)
+    epoch_orders: dict[int, torch.Tensor] = {}
+    aug_steps = chunk_steps(a.chunk_images, per_rank, device)
+    chunk = (-1, None, None)  # (chunk index, augmented images, labels) of the current aug_steps steps
+
+    def batch_indices(s: int) -> torch.Tensor:
+        """This rank's sample indices for step s: a contiguous slice of the global batch, so in_batch repeats of
+        an image stay on one rank. The order is a pure function of (seed, epoch)."""
+        epoch, i = divmod(s, spe)
+        if epoch not in epoch_orders:
+            epoch_orders.clear()  # a chunk spans at most two epochs; keep only the one it ends in
+            epoch_orders[epoch] = D.epoch_indices(n, epoch, t.seed, a.repeats, a.repeat_mode, t.batch_size).to(device)
+        start = i * t.batch_size + rank * per_rank
+        return epoch_orders[epoch][start : start + per_rank]
+
     check_each_step = _check_each_step(device, t.on_nonfinite)
     try:
         while step < last_step:
-            epoch, i = divmod(step, spe)
-            if epoch_cache[0] != epoch:  # the sample order is a pure function of (seed, epoch)
-                epoch_cache = (epoch, D.epoch_indices(n, epoch, t.seed, a.repeats, a.repeat_mode, t.batch_size)
-                               .to(device))
-            # A contiguous slice of the global batch, so in_batch repeats of an image stay on one rank.
-            start = i * t.batch_size + rank * per_rank
-            idx = epoch_cache[1][start : start + per_rank]
+            c, j = divmod(step, aug_steps)
+            if chunk[0] != c:  # per-sample augmentation of aug_steps batches at once, keyed by the chunk index
+                idx = torch.cat([batch_indices(s) for s in range(c * aug_steps, min((c + 1) * aug_steps,
+                                                                                   total_steps))])
+                chunk = (c, augment.images(x_train.index_select(0, idx), c), y_train.index_select(0, idx))
             torch.manual_seed(dist_.step_seed(t.seed, rank, step))  # drop path: a pure function of (seed, rank, step)
             lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
-            xb, tb = augment(x_train[idx], y_train[idx], step)
+            xb, tb = augment.targets(chunk[1][j * per_rank : (j + 1) * per_rank],
+                                     chunk[2][j * per_rank : (j + 1) * per_rank], step)
             with autocast():
                 logits = fwd(xb)
             loss = torch.sum(-tb * F.log_softmax(logits.float(), dim=1), dim=1).mean()  # soft-target CE
@@ -337,6 +350,12 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def chunk_steps(chunk_images: int, per_rank: int, device: torch.device) -> int:
+    """Steps whose batches are augmented in one call (aug.chunk_images; 0 = 4096 images on CUDA, 512 on CPU)."""
+    images = chunk_images or (4096 if device.type == "cuda" else 512)
+    return max(1, images // per_rank)
 
 
 def _check_each_step(device: torch.device, on_nonfinite: str) -> bool:
