@@ -27,6 +27,7 @@ from torchvision import transforms as T
 
 from smallvit import augment, data
 from smallvit.config import AugConfig
+from smallvit.train import chunk_steps
 
 MEAN, STD = data.DATASETS["cifar10"].mean, data.DATASETS["cifar10"].std
 
@@ -42,17 +43,22 @@ def load_images(data_dir: str, n: int) -> tuple[torch.Tensor, torch.Tensor, str]
         return x, torch.randint(0, 10, (n,), generator=g), "random uint8 (CIFAR-10 not found)"
 
 
-def bench_batched(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device) -> float:
-    """img/s of BatchAugment over `steps` batches (after 3 warm-up batches), inputs already on the device."""
+def bench_batched(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device,
+                  k: int = 1) -> float:
+    """img/s of BatchAugment as train.py runs it: the per-sample part on k batches per call, the mixing
+    per batch; inputs already on the device, 3 warm-up chunks, `steps` rounded up to whole chunks."""
     aug = augment.BatchAugment(AugConfig(), MEAN, STD, num_classes=10, label_smoothing=0.1, device=device, seed=0)
     x, y = x.to(device), y.to(device)
-    nb = x.shape[0] // batch
+    n = batch * k
+    nc = x.shape[0] // n
 
-    def run(step: int) -> None:
-        i = step % nb
-        aug(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch], step)
+    def run(c: int) -> None:
+        xs, ys = x[(c % nc) * n:(c % nc + 1) * n], y[(c % nc) * n:(c % nc + 1) * n]
+        xa = aug.images(xs, c)
+        for j in range(k):
+            aug.targets(xa[j * batch:(j + 1) * batch], ys[j * batch:(j + 1) * batch], c * k + j)
 
-    return images_per_second(run, steps, 3, batch, device)
+    return images_per_second(run, -(-steps // k), 3, n, device)
 
 
 def bench_stages(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> str:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    n = max(args.batch_size * 8, args.pil_images, args.batch_size * (args.loader_batches + 1))
+    n = max(args.batch_size * 8, args.pil_images, args.batch_size * (args.loader_batches + 1),
+            2 * chunk_steps(AugConfig().chunk_images, args.batch_size, device) * args.batch_size)
     x, y, source = load_images(args.data_dir, n)
 
     rows = []
@@ -150,8 +157,13 @@ def main(argv: list[str] | None = None) -> str:
     if args.loader_workers > 0:
         rate = bench_loader(x, y, args.batch_size, args.loader_workers, args.loader_batches)
         rows.append((f"torchvision per-image PIL, DataLoader ({args.loader_workers} workers)", rate))
-    rows.append((f"smallvit BatchAugment, batch {args.batch_size} on {device.type}",
+    rows.append((f"smallvit BatchAugment, batch {args.batch_size} on {device.type}, one batch per call",
                  bench_batched(x, y, args.batch_size, args.steps, device)))
+    k = chunk_steps(AugConfig().chunk_images, args.batch_size, device)
+    if k > 1:
+        rows.append((f"smallvit BatchAugment, batch {args.batch_size} on {device.type}, {k * args.batch_size} images "
+                     f"per call (train.py's default, aug.chunk_images=0)",
+                     bench_batched(x, y, args.batch_size, args.steps, device, k)))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     title = (f"Augmentation throughput on {device} ({name}), torch {torch.__version__}, "

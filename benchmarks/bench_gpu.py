@@ -399,11 +399,12 @@ def time_to_targets(records: list[dict], batch_size: int, targets: list[float]) 
 def run_full_recipe(a, overrides: dict) -> str:
     from smallvit import train
 
-    ov = {"data.data_dir": a.data_dir, "train.compile": True, "train.eval_every_epochs": 1, **overrides}
+    ov = {"data.data_dir": a.data_dir, "data.download": False, "train.compile": True, "train.eval_every_epochs": 1,
+          **overrides}
     cfg = make_config("baseline", ov)
     out = Path(a.run_dir or REPO / "runs" / "gpu-full-recipe" / time.strftime("%Y%m%d-%H%M%S"))
     print(f"run folder: {out}", flush=True)
-    result = train(cfg, out)
+    result = train(cfg, out, resume=a.resume)
     rows = time_to_targets(read_metrics(out), cfg.train.batch_size, a.targets)
     ov_text = " ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)"
     lines = [
@@ -449,6 +450,8 @@ def main(argv=None) -> None:
     p.add_argument("--full-recipe", action="store_true", help="run smallvit.train on the baseline with compile")
     p.add_argument("--targets", nargs="+", type=float, default=[90.0, 93.0, 93.5], help="--full-recipe accuracies")
     p.add_argument("--run-dir", default=None, help="--full-recipe run folder (default runs/gpu-full-recipe/<time>)")
+    p.add_argument("--resume", action="store_true", help="--full-recipe: continue the run in --run-dir (a timed-out "
+                   "run checkpoints on SIGTERM; training seconds carry over)")
     p.add_argument("--out", default=None, help="also write the Markdown table to this file")
     a = p.parse_args(argv)
     if a.threads:

@@ -127,4 +127,6 @@ def test_augmentation_runs_once_per_chunk_of_steps(fake_cifar, tmp_path, monkeyp
     result = train(smoke_config(fake_cifar, **{"aug.chunk_images": chunk_images}), tmp_path / "r")  # 2 x 9 steps
     assert result["step"] == 18
     assert [n for n, _ in calls] == sizes and [k for _, k in calls] == list(range(len(sizes)))
-    assert T.chunk_steps(0, 64, torch.device("cuda")) == 64 and T.chunk_steps(100, 64, torch.device("cpu")) == 1
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert T.chunk_steps(0, 64, cuda) == 64 and T.chunk_steps(100, 64, cpu) == 1 and T.chunk_steps(0, 64, cpu) == 8
+    assert T.chunk_steps(0, 16, cuda, 3 * 224 * 224) == 6 and T.chunk_steps(0, 64, cpu, 3 * 224 * 224) == 1

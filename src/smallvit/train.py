@@ -224,7 +224,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
     wall_start = time.perf_counter()
     epoch_orders: dict[int, torch.Tensor] = {}
-    aug_steps = chunk_steps(a.chunk_images, per_rank, device)
+    aug_steps = chunk_steps(a.chunk_images, per_rank, device, x_train[0].numel())
     chunk = (-1, None, None)  # (chunk index, augmented images, labels) of the current aug_steps steps
 
     def batch_indices(s: int) -> torch.Tensor:
@@ -352,10 +352,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def chunk_steps(chunk_images: int, per_rank: int, device: torch.device) -> int:
-    """Steps whose batches are augmented in one call (aug.chunk_images; 0 = 4096 images on CUDA, 512 on CPU)."""
-    images = chunk_images or (4096 if device.type == "cuda" else 512)
-    return max(1, images // per_rank)
+def chunk_steps(chunk_images: int, per_rank: int, device: torch.device, image_numel: int = 3 * 32 * 32) -> int:
+    """Steps whose batches are augmented in one call (aug.chunk_images). Auto (0): 4096 images on CUDA, 512 on CPU,
+    fewer for large images, so that the float32 chunk stays within 64 MiB (CUDA) / 8 MiB (CPU, about the L2 cache)."""
+    if not chunk_images:
+        cap, budget = (4096, 64 << 20) if device.type == "cuda" else (512, 8 << 20)
+        chunk_images = min(cap, budget // (4 * image_numel))
+    return max(1, chunk_images // per_rank)
 
 
 def _check_each_step(device: torch.device, on_nonfinite: str) -> bool:
