@@ -136,7 +136,14 @@ def bench_smallvit(cfg, x_cpu, y_cpu, dev, B, precision, compile_, warmup, steps
     torch.manual_seed(0)
     model = build_model(cfg.model).to(dev)
     opt = build_optimizer(model, cfg.optim, dev)
-    fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_ else model
+
+    def forward_loss(xb, tb):  # as train.py (one process): model and loss in one compiled graph
+        with _autocast(dev, precision):
+            logits = model(xb)
+        return torch.sum(-tb * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+
+    step_loss = torch.compile(forward_loss, mode=None if compile_mode == "default" else compile_mode) if compile_ \
+        else forward_loss
     aug = BatchAugment(cfg.aug, info.mean, info.std, cfg.model.num_classes, cfg.train.label_smoothing, dev)
     K = chunk_steps(cfg.aug.chunk_images, B, dev)
     perm = torch.randperm(len(x_u8), device=dev)  # shuffled indices held on the device, sliced per chunk
@@ -152,9 +159,7 @@ def bench_smallvit(cfg, x_cpu, y_cpu, dev, B, precision, compile_, warmup, steps
         torch.manual_seed(i)  # as train.py: drop path reseeded per step (a host-side call, no sync)
         set_lr(opt, schedule_factor(i, 100_000, 1_000, cfg.optim))
         xb, tb = aug.targets(chunk["x"][j * B:(j + 1) * B], chunk["y"][j * B:(j + 1) * B], i)
-        with _autocast(dev, precision):
-            logits = fwd(xb)
-        loss = torch.sum(-tb * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+        loss = step_loss(xb, tb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
