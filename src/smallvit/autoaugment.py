@@ -323,13 +323,35 @@ def _apply_kernel(x: torch.Tensor, kernel: tuple[str, ...], runs: list[tuple[str
     return _warp(x, torch.cat(parts), "bilinear" if kernel[0].startswith("shear") else "nearest")
 
 
+def _masked_kernel(x: torch.Tensor, kernel: tuple[str, ...], present: list[str], drawn: torch.Tensor,
+                   values: torch.Tensor) -> torch.Tensor:
+    """One kernel on the whole batch: each sample gets the op of `kernel` it drew, the others neutral parameters
+    that reproduce them exactly (identity table, identity warp, blend weight 0). No host sync, static shapes."""
+    B = x.shape[0]
+    sel = {op: drawn == OP_ID[op] for op in present}
+    safe = {op: torch.where(m, values, 0.0) for op, m in sel.items()}  # finite, in range, for samples not drawing op
+    if kernel is POINT:
+        lut = torch.arange(256, device=x.device, dtype=torch.uint8).expand(B, x.shape[1], 256)
+        for op in present:
+            lut = torch.where(sel[op].view(B, 1, 1), _point_lut(x, op, safe[op]), lut)
+        return _apply_lut(x, lut)
+    if kernel[0] in GEOMETRIC:
+        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
+        for op in present:
+            theta = torch.where(sel[op].view(B, 1, 1), _theta(op, safe[op].float(), *x.shape[2:]), theta)
+        return _warp(x, theta, "bilinear" if kernel[0].startswith("shear") else "nearest")
+    (op,) = present  # color or sharpness: factor 1 leaves an image exactly as it is
+    return _enhance(x, op, 1.0 + safe[op])
+
+
 def _apply_stages(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor, fired: torch.Tensor,
                   candidates: tuple[str, ...] = OPS, sync_free: bool | None = None) -> torch.Tensor:
     """Run stage after stage, every sample through its own op of that stage where it fired.
 
-    sync_free (default: on CUDA) never reads the draws on the host: each candidate op runs on the whole batch and
-    a mask keeps it where it was drawn. That wastes work that a GPU does not notice on 32-px images, and keeps the
-    step free of host syncs (for CUDA graphs and an unblocked launch queue).
+    sync_free (default: on CUDA) never reads the draws on the host: each kernel of the policy runs once per stage on
+    the whole batch, with neutral parameters for the samples that did not draw one of its ops (_masked_kernel). That
+    wastes work that a GPU does not notice on 32-px images, and keeps the step free of host syncs (for CUDA graphs
+    and an unblocked launch queue): per stage one table lookup for all point ops, two resamplings, two blends.
     On CPU (the default there) samples are sorted by op and each kernel (KERNELS: all point ops as one per-image
     lookup table, all nearest-neighbour affine ops as one resampling, ...) runs once per stage on the samples that
     drew it, at the price of one host sync per call; per-call overhead, not arithmetic, dominates on 32-px images.
@@ -337,11 +359,11 @@ def _apply_stages(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor, fire
     if sync_free if sync_free is not None else x.is_cuda:
         out = x
         for s in range(ops.shape[1]):
-            for op in candidates:
-                if op == "identity":
-                    continue
-                sel = (fired[:, s] & (ops[:, s] == OP_ID[op])).view(-1, 1, 1, 1)
-                out = torch.where(sel, apply_op(out, op, values[:, s]), out)
+            drawn = torch.where(fired[:, s], ops[:, s], OP_ID["identity"])
+            for kernel in KERNELS:
+                present = [op for op in kernel if op in candidates]
+                if present:
+                    out = _masked_kernel(out, kernel, present, drawn, values[:, s])
         return out
     S, n = ops.shape[1], len(KERNEL_ORDER)
     key = torch.where(fired, _RANK.to(x.device)[ops], 0)  # 0 = identity: drawn but not fired
