@@ -418,6 +418,8 @@ def run_full_recipe(a, overrides: dict) -> str:
         f"- command: `{' '.join(shlex.quote(s) for s in sys.argv)}`; overrides: {ov_text}; run folder: `{out}`",
         f"- status {result['status']}, {result['step']} of {result['total_steps']} steps, final test acc "
         f"{result['final_test_acc']:.2f}%, best {result['best_test_acc']:.2f}%, precision {result['precision']}",
+        f"- first step {_fmt(result.get('first_step_seconds'), '.1f')} s (torch.compile, warm-up, the first "
+        f"augmentation chunk; of the last (re)start)",
         f"- training seconds {result['train_seconds']:.1f} (excludes the first step, evaluations and checkpoints), "
         f"wall seconds {result['wall_seconds']:.1f} (after data loading), "
         f"{_fmt(result['train_img_per_s'], ',.0f')} img/s",

@@ -35,6 +35,7 @@ def test_compiled_run_matches_eager(fake_cifar, tmp_path):
     eager = train(smoke_config(fake_cifar, **kw), tmp_path / "eager")
     comp = train(smoke_config(fake_cifar, **kw, **{"train.compile": True}), tmp_path / "compiled")
     assert comp["status"] == "stopped_at_max_steps" and comp["step"] == 3
+    assert comp["first_step_seconds"] > eager["first_step_seconds"] > 0  # compilation is reported, not timed
     le, lc = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert len(lc) == 3 and all(math.isfinite(v) for v in lc)
     assert lc == pytest.approx(le, rel=1e-3)  # the same steps: inductor only reorders floating-point sums

@@ -235,6 +235,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     loss_count, timer_start, stopping = int(pending[1]), None, False
     timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
     wall_start = time.perf_counter()
+    first_step_seconds = None
     epoch_orders: dict[int, torch.Tensor] = {}
     aug_steps = chunk_steps(a.chunk_images, per_rank, device, x_train[0].numel())
     chunk = (-1, None, None)  # (chunk index, augmented images, labels) of the current aug_steps steps
@@ -279,6 +280,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             if timer_start is None:  # the first step of a (re)start (compile, warm-up) is not timed
                 _sync(device)
                 timer_start = time.perf_counter()
+                first_step_seconds = timer_start - wall_start  # reported on its own: torch.compile lands here
             else:
                 seen += t.batch_size
             if bar is not None:
@@ -343,6 +345,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         "epochs_done": step / spe,
         "train_img_per_s": seen / timed if timed > 0 else None,
         "train_seconds": timed,
+        "first_step_seconds": first_step_seconds,  # of this (re)start: compilation, warm-up, first augmentation
         "wall_seconds": wall_before + time.perf_counter() - wall_start,
         "params": n_params,
         "flops_per_image": flops,
