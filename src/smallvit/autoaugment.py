@@ -2,9 +2,10 @@
 
 The reference (SPEC 5.3.1) runs PIL AutoAugment image by image in DataLoader workers. Here a whole batch is
 augmented on its own device: every sample draws its own sub-policy (or RandAugment ops), firing decisions and
-signs, and each op type is then applied once per stage to the sub-batch that drew it. An AutoAugment sub-policy is
-two stages (op1, then op2); RandAugment is `num_ops` stages. No per-image Python loop; on CPU one host sync per
-call, on CUDA none (see _apply_stages).
+signs, and each op family (KERNELS: point ops as one per-image lookup table, nearest or bilinear affine warps,
+colour and sharpness blends) then runs once per stage, on the sub-batch that drew it (CPU) or on the whole batch
+with neutral parameters elsewhere (CUDA). An AutoAugment sub-policy is two stages (op1, then op2); RandAugment is
+`num_ops` stages. No per-image Python loop; on CPU one host sync per call, on CUDA none (see _apply_stages).
 
 Magnitudes follow SPEC 5.3.1 through one fraction f in [0, 1] (AutoAugment: idx / 9; RandAugment: m / 30):
 shear 0.3 f, translate (150/331) f of the width / height, rotate 30 f degrees, enhance factor 1 +- 0.9 f,
@@ -156,7 +157,7 @@ def op_magnitude(op: str, frac: float) -> float:
 GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 # Point ops map every pixel value through a per-image (and per-channel) table of 256 entries.
 POINT = ("brightness", "contrast", "posterize", "solarize", "autocontrast", "equalize", "invert")
-# Ops that share one kernel call on the CPU path (see _apply_stages); each kernel's ops are adjacent in KERNEL_ORDER.
+# Op families that share one kernel call per stage (see _apply_stages); a family's ops are adjacent in KERNEL_ORDER.
 KERNELS = (("shear_x", "shear_y"), ("translate_x", "translate_y", "rotate"), ("color",), ("sharpness",), POINT)
 KERNEL_ORDER = ("identity",) + tuple(op for kernel in KERNELS for op in kernel)
 _RANK = torch.tensor([KERNEL_ORDER.index(op) for op in OPS])  # op id -> position in KERNEL_ORDER
@@ -353,8 +354,8 @@ def _apply_stages(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor, fire
     wastes work that a GPU does not notice on 32-px images, and keeps the step free of host syncs (for CUDA graphs
     and an unblocked launch queue): per stage one table lookup for all point ops, two resamplings, two blends.
     On CPU (the default there) samples are sorted by op and each kernel (KERNELS: all point ops as one per-image
-    lookup table, all nearest-neighbour affine ops as one resampling, ...) runs once per stage on the samples that
-    drew it, at the price of one host sync per call; per-call overhead, not arithmetic, dominates on 32-px images.
+    lookup table, all nearest-neighbour affine ops as one resampling, ...) runs once per stage on only the samples
+    that drew it, at the price of one host sync per call.
     """
     if sync_free if sync_free is not None else x.is_cuda:
         out = x
