@@ -7,6 +7,8 @@
 # step (about 5 minutes on an H100): augmentation throughput and its share of the step, then step throughput of
 # smallvit (eager, compiled, CUDA graphs) against the standard stack. recipe: the full baseline recipe with time to
 # 90 / 93 / 93.5 % (stopped cleanly after RECIPE_SECONDS, default 540; run it again to resume where it stopped).
+#
+# SMOKE=1 runs every command at toy size on the CPU (a minute or two), to check the script itself without a GPU.
 set -uo pipefail
 DATA="${1:?folder holding cifar-10-batches-py}"
 OUT="${2:?folder for the result tables}"
@@ -14,16 +16,24 @@ WHAT="${3:-all}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+if [[ ${SMOKE:-0} == 1 ]]; then
+  DEV=cpu; AUG=(--steps 4 --pil-images 200 --loader-workers 2); TRAIN=(--presets quick --warmup 4 --steps 4 --batch 128)
+  STEP=(--quick --workers 2); RECIPE=(--set model.embed_dim=32 model.depth=2 model.num_heads=2 data.subset=512
+    data.test_subset=256 train.epochs=2 optim.warmup_epochs=1 train.batch_size=64 train.progress=false --targets 10)
+else
+  DEV=cuda; AUG=(--pil-images 2000 --loader-workers 8); TRAIN=(--presets baseline --warmup 32 --steps 64)
+  STEP=(--standard-precision fp32 bf16); RECIPE=()
+fi
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || echo "no nvidia-smi"; } | tee "$OUT/device.txt"
 python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 'timm', timm.__version__)" | tee -a "$OUT/device.txt"
 status=0
 if [[ $WHAT == step || $WHAT == all ]]; then
-  python benchmarks/bench_augment.py --device cuda --data-dir "$DATA" --pil-images 2000 --loader-workers 8 \
-    --out "$OUT/augment_gpu.md" || status=1
-  # 16 steps per augmentation call at batch 256 (aug.chunk_images auto = 4096 on CUDA): whole chunks only.
-  python benchmarks/bench_train.py --presets baseline --warmup 32 --steps 64 --out "$OUT/train_gpu.md" || status=1
-  python benchmarks/bench_gpu.py --compile --compile-modes default reduce-overhead --standard-precision fp32 bf16 \
+  python benchmarks/bench_augment.py --device "$DEV" --data-dir "$DATA" "${AUG[@]}" --out "$OUT/augment_gpu.md" \
+    || status=1
+  # On CUDA, 16 steps per augmentation call at batch 256 (aug.chunk_images auto = 4096): whole chunks only.
+  python benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --out "$OUT/train_gpu.md" || status=1
+  python benchmarks/bench_gpu.py --device "$DEV" --compile --compile-modes default reduce-overhead "${STEP[@]}" \
     --data-dir "$DATA" --out "$OUT/gpu_step.md" || status=1
 fi
 if [[ $WHAT == recipe || $WHAT == all ]]; then
@@ -31,7 +41,7 @@ if [[ $WHAT == recipe || $WHAT == all ]]; then
   resume=()
   [[ -f $RUN/checkpoint.pt ]] && resume=(--resume)
   timeout -s TERM "${RECIPE_SECONDS:-540}" python benchmarks/bench_gpu.py --full-recipe --data-dir "$DATA" \
-    --run-dir "$RUN" "${resume[@]}" --out "$OUT/gpu_full.md" || status=1
+    --run-dir "$RUN" "${resume[@]}" "${RECIPE[@]}" --out "$OUT/gpu_full.md" || status=1
   cp "$RUN/metrics.jsonl" "$OUT/full_metrics.jsonl" 2>/dev/null
 fi
 exit $status
