@@ -15,6 +15,7 @@ OUT="${2:?folder for the result tables}"
 WHAT="${3:-all}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"  # on the lent machines, python3 is the interpreter that holds torch
 mkdir -p "$OUT"
 if [[ ${SMOKE:-0} == 1 ]]; then
   DEV=cpu; AUG=(--steps 4 --pil-images 200 --loader-workers 2); TRAIN=(--presets quick --warmup 4 --steps 4 --batch 128)
@@ -25,22 +26,22 @@ else
   STEP=(--standard-precision fp32 bf16); RECIPE=()
 fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || echo "no nvidia-smi"; } | tee "$OUT/device.txt"
-python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
+"$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 'timm', timm.__version__)" | tee -a "$OUT/device.txt"
 status=0
 if [[ $WHAT == step || $WHAT == all ]]; then
-  python benchmarks/bench_augment.py --device "$DEV" --data-dir "$DATA" "${AUG[@]}" --out "$OUT/augment_gpu.md" \
+  "$PY" benchmarks/bench_augment.py --device "$DEV" --data-dir "$DATA" "${AUG[@]}" --out "$OUT/augment_gpu.md" \
     || status=1
   # On CUDA, 16 steps per augmentation call at batch 256 (aug.chunk_images auto = 4096): whole chunks only.
-  python benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --out "$OUT/train_gpu.md" || status=1
-  python benchmarks/bench_gpu.py --device "$DEV" --compile --compile-modes default reduce-overhead "${STEP[@]}" \
+  "$PY" benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --out "$OUT/train_gpu.md" || status=1
+  "$PY" benchmarks/bench_gpu.py --device "$DEV" --compile --compile-modes default reduce-overhead "${STEP[@]}" \
     --data-dir "$DATA" --out "$OUT/gpu_step.md" || status=1
 fi
 if [[ $WHAT == recipe || $WHAT == all ]]; then
   RUN="${RUN_DIR:-/tmp/smallvit-full-recipe}"
   resume=()
   [[ -f $RUN/checkpoint.pt ]] && resume=(--resume)
-  timeout -s TERM "${RECIPE_SECONDS:-540}" python benchmarks/bench_gpu.py --full-recipe --data-dir "$DATA" \
+  timeout -s TERM "${RECIPE_SECONDS:-540}" "$PY" benchmarks/bench_gpu.py --full-recipe --data-dir "$DATA" \
     --run-dir "$RUN" "${resume[@]}" "${RECIPE[@]}" --out "$OUT/gpu_full.md" || status=1
   cp "$RUN/metrics.jsonl" "$OUT/full_metrics.jsonl" 2>/dev/null
 fi
