@@ -3,7 +3,8 @@
 Reliability (docs/reliability.md): checkpoints are written atomically at evaluations, every
 `train.checkpoint_every_steps` steps and on SIGINT/SIGTERM, and a resumed run repeats the uninterrupted one
 exactly on CPU, because the data order, the augmentation and the drop-path randomness are pure functions of
-(seed, rank, step). Under torchrun every rank takes a contiguous slice of each global batch of
+(seed, rank, step) (the per-sample augmentation of (seed, rank, chunk of aug.chunk_images images), recomputed
+whole when a run resumes inside a chunk). Under torchrun every rank takes a contiguous slice of each global batch of
 `train.batch_size` images; the learning rate is for that global batch (no scaling with the number of processes).
 """
 
