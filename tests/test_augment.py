@@ -61,7 +61,7 @@ def test_random_erasing_rate_area_and_fill():
     cfg = AugConfig()
     x = torch.randn(B, 3, H, W, generator=torch.Generator().manual_seed(0))
     mean = torch.tensor(MEAN)
-    y = augment.random_erasing(x, cfg, mean, torch.Generator().manual_seed(3))
+    y = augment.random_erasing(x, cfg, mean, np.random.default_rng(3))
     changed = y != x
     erased = changed.flatten(1).any(1)
     assert within_sigmas(int(erased.sum()), B, cfg.erase_p)
@@ -78,8 +78,14 @@ def test_random_erasing_rate_area_and_fill():
     frac = changed[erased].all(1).flatten(1).float().mean(1)
     assert lo * 0.7 < float(frac.min()) and float(frac.max()) < hi * 1.1
     assert abs(float(frac.mean()) - (lo + hi) / 2) < 0.05  # area ~ U[lo, hi] (a few large boxes are rejected)
-    zero = augment.random_erasing(x, replace(cfg, erase_fill="zero", erase_p=1.0), mean, torch.Generator())
+    zero = augment.random_erasing(x, replace(cfg, erase_fill="zero", erase_p=1.0), mean, np.random.default_rng(4))
     assert bool((zero[zero != x] == 0).all()) and float((zero != x).flatten(1).any(1).float().mean()) > 0.99
+    noise = augment.random_erasing(x, replace(cfg, erase_fill="noise", erase_p=1.0), mean, np.random.default_rng(5),
+                                   torch.Generator().manual_seed(6))
+    assert abs(float(noise[noise != x].std()) - 1.0) < 0.05  # Gaussian noise from the device generator
+    # The boxes come from the host generator alone: the same seed gives the same boxes on any device.
+    boxes = [augment.erase_boxes(B, H, W, cfg, np.random.default_rng(7)) for _ in range(2)]
+    assert np.array_equal(*boxes) and boxes[0].dtype == np.float32 and boxes[0].shape == (B, 5)
 
 
 def test_smooth_targets_rows_sum_to_one():

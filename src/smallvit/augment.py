@@ -54,37 +54,46 @@ def crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torc
     return xp.reshape(B, C, -1).gather(2, index.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
 
-def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, g: torch.Generator,
-                   attempts: int = 10) -> torch.Tensor:
-    """Random Erasing on a normalised float batch (SPEC 5.3.3), one rectangle per selected sample.
+def erase_boxes(n: int, H: int, W: int, cfg: AugConfig, rng: np.random.Generator, attempts: int = 10) -> np.ndarray:
+    """Random Erasing rectangles (SPEC 5.3.3) for n images: float32 (n, 5) rows of y0, y1, x0, x1, erase (0 or 1).
 
-    Up to `attempts` boxes are drawn per sample and the first that fits is used (the reference tries 100 times
-    one by one; with these ranges 10 tries fail for fewer than 1 in 10^6 samples, which are left unchanged).
+    Up to `attempts` boxes are drawn per image and the first that fits is used (the reference tries 100 times one by
+    one; with these ranges 10 tries fail for fewer than 1 in 10^6 images, which are left unchanged). Drawn on the
+    host, like the Mixup/CutMix decisions: a few small arrays, so the same seed erases the same boxes on any device.
+    """
+    lo, hi = cfg.erase_area
+    r1 = cfg.erase_min_aspect
+    area = rng.uniform(lo, hi, (n, attempts)) * H * W
+    u = rng.random((n, attempts))
+    if cfg.erase_log_aspect:
+        aspect = np.exp(math.log(r1) + (math.log(1 / r1) - math.log(r1)) * u)
+    else:  # the reference: uniform on [r1, 1/r1]
+        aspect = r1 + (1 / r1 - r1) * u
+    h, w = np.rint(np.sqrt(area * aspect)), np.rint(np.sqrt(area / aspect))
+    ok = (h < H) & (w < W) & (h > 0) & (w > 0)
+    first = ok.argmax(1)  # the first box that fits (0 when none does; then nothing is erased)
+    h, w = h[np.arange(n), first], w[np.arange(n), first]
+    erase = (rng.random(n) < cfg.erase_p) & ok.any(1)
+    y0 = np.floor(rng.random(n) * np.maximum(H - h + 1, 1))
+    x0 = np.floor(rng.random(n) * np.maximum(W - w + 1, 1))
+    return np.stack([y0, y0 + h, x0, x0 + w, erase], 1).astype(np.float32)
+
+
+def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng: np.random.Generator,
+                   g: torch.Generator | None = None) -> torch.Tensor:
+    """Random Erasing on a normalised float batch (SPEC 5.3.3), one rectangle per selected sample (erase_boxes).
+
+    The fill is the reference's (the raw dataset mean written into normalised space), zero, or Gaussian noise drawn
+    from the device generator `g`.
     """
     B, C, H, W = x.shape
     dev = x.device
-    lo, hi = cfg.erase_area
-    r1 = cfg.erase_min_aspect
-    area = (lo + (hi - lo) * torch.rand(B, attempts, device=dev, generator=g)) * H * W
-    u = torch.rand(B, attempts, device=dev, generator=g)
-    if cfg.erase_log_aspect:
-        aspect = torch.exp(math.log(r1) + (math.log(1 / r1) - math.log(r1)) * u)
-    else:  # the reference: uniform on [r1, 1/r1]
-        aspect = r1 + (1 / r1 - r1) * u
-    h = torch.sqrt(area * aspect).round().long()
-    w = torch.sqrt(area / aspect).round().long()
-    ok = (h < H) & (w < W) & (h > 0) & (w > 0)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(B, dtype=torch.long, device=dev))
-    h = h.gather(1, first[:, None]).squeeze(1)
-    w = w.gather(1, first[:, None]).squeeze(1)
-    apply = (torch.rand(B, device=dev, generator=g) < cfg.erase_p) & ok.any(1)
-    y0 = (torch.rand(B, device=dev, generator=g) * (H - h + 1).clamp(min=1)).long()
-    x0 = (torch.rand(B, device=dev, generator=g) * (W - w + 1).clamp(min=1)).long()
-    ys = torch.arange(H, device=dev)[None, :]
-    xs = torch.arange(W, device=dev)[None, :]
-    my = ((ys >= y0[:, None]) & (ys < (y0 + h)[:, None])).float()  # (B, H)
-    mx = ((xs >= x0[:, None]) & (xs < (x0 + w)[:, None])).float()  # (B, W)
-    mask = (my[:, :, None] * mx[:, None, :] * apply.float()[:, None, None])[:, None]  # (B, 1, H, W), 0 or 1
+    boxes = torch.from_numpy(erase_boxes(B, H, W, cfg, rng)).to(dev, non_blocking=True)  # no wait for the device
+    ys = torch.arange(H, device=dev, dtype=torch.float32)
+    xs = torch.arange(W, device=dev, dtype=torch.float32)
+    my = ((ys >= boxes[:, 0:1]) & (ys < boxes[:, 1:2])).float() * boxes[:, 4:5]  # (B, H), 0 where not erased
+    mx = ((xs >= boxes[:, 2:3]) & (xs < boxes[:, 3:4])).float()  # (B, W)
+    mask = (my[:, :, None] * mx[:, None, :])[:, None]  # (B, 1, H, W), 0 or 1
     if cfg.erase_fill == "reference":  # raw dataset mean written into normalised space (SPEC 5.3.3)
         fill = fill_mean.view(1, C, 1, 1).to(x.dtype).expand_as(x)
     elif cfg.erase_fill == "zero":
@@ -170,8 +179,8 @@ class BatchAugment:
         if cfg.autoaugment != "none":
             x = self._autoaugment(x)
         x = x.float().mul_(self.scale).add_(self.shift)
-        if cfg.erase_p > 0:
-            x = random_erasing(x, cfg, self.mean, self.g_dev)
+        if cfg.erase_p > 0:  # host draws from their own stream: (seed, key, 1), apart from targets()' (seed, step)
+            x = random_erasing(x, cfg, self.mean, np.random.default_rng([self._seed(key), 1]), self.g_dev)
         return x
 
     def targets(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
