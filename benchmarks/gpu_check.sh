@@ -23,7 +23,7 @@ if [[ ${SMOKE:-0} == 1 ]]; then
     data.test_subset=256 train.epochs=2 optim.warmup_epochs=1 train.batch_size=64 train.progress=false --targets 10)
 else
   DEV=cuda; AUG=(--pil-images 2000 --loader-workers 8); TRAIN=(--presets baseline --warmup 32 --steps 64)
-  STEP=(--standard-precision fp32 bf16); RECIPE=()
+  STEP=(--standard-precision fp32 bf16 --warmup 16 --steps 96); RECIPE=()  # whole 16-step augmentation chunks
 fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || echo "no nvidia-smi"; } | tee "$OUT/device.txt"
 "$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
