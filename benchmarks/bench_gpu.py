@@ -308,10 +308,11 @@ def run_throughput(a, overrides: dict, dev: torch.device) -> str:
     B = a.batch or cfg.train.batch_size
     if B % 2:
         raise SystemExit("--batch must be even (timm's Mixup pairs the batch with its reverse)")
-    x, y, source = training_data(a.data_dir, max(4 * B, 2048, (chunk_steps(cfg.aug.chunk_images, B, dev) + 1) * B))
+    chunk = chunk_steps(cfg.aug.chunk_images, B, dev) * B  # images per augmentation call, as train.py
+    x, y, source = training_data(a.data_dir, max(4 * B, 2048, chunk + B))
     if len(x) < B:
         raise SystemExit(f"--batch {B} is larger than the {len(x)} training images")
-    if len(x) < chunk_steps(cfg.aug.chunk_images, B, dev) * B:
+    if len(x) < chunk:
         raise SystemExit(f"aug.chunk_images is larger than the {len(x)} training images; --set aug.chunk_images=N")
     precision = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     rows = []
