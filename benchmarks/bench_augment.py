@@ -84,7 +84,8 @@ def bench_stages(x: torch.Tensor, y: torch.Tensor, batch: int, call: int, steps:
         "&nbsp;&nbsp;AutoAugment, sorted sub-batches": (call, lambda i: aa(i, False)),
         "&nbsp;&nbsp;AutoAugment, sync-free (whole batch)": (call, lambda i: aa(i, True)),
         "normalise": (call, lambda i: cropped.float().mul_(aug.scale).add_(aug.shift)),
-        "Random Erasing": (call, lambda i: augment.random_erasing(normed, cfg, aug.mean, np.random.default_rng(i))),
+        "Random Erasing": (call, lambda i: augment.random_erasing(normed, cfg, aug.mean, np.random.default_rng(i),
+                                                                   inplace=True)),
         "Mixup / CutMix + smoothing (per step)": (batch, lambda i: augment.mix(normed[:batch], targets, cfg,
                                                                                np.random.default_rng(i), g)),
     }
