@@ -86,6 +86,12 @@ def test_random_erasing_rate_area_and_fill():
     # The boxes come from the host generator alone: the same seed gives the same boxes on any device.
     boxes = [augment.erase_boxes(B, H, W, cfg, np.random.default_rng(7)) for _ in range(2)]
     assert np.array_equal(*boxes) and boxes[0].dtype == np.float32 and boxes[0].shape == (B, 5)
+    # Only the boxes' samples are written; the input is left alone unless inplace=True, which gives the same images.
+    erased_rows = torch.from_numpy(augment.erase_boxes(B, H, W, cfg, np.random.default_rng(3))[:, 4] > 0)
+    assert torch.equal(erased, erased_rows)
+    x0 = x.clone()
+    z = augment.random_erasing(x, cfg, mean, np.random.default_rng(3), inplace=True)
+    assert z.data_ptr() == x.data_ptr() and torch.equal(z, y) and not torch.equal(x, x0)
 
 
 def test_smooth_targets_rows_sum_to_one():
