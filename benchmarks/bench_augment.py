@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--pil-images", type=int, default=8000, help="images for the per-image PIL loop")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers; 0 skips that row")
     p.add_argument("--loader-batches", type=int, default=30, help="timed DataLoader batches")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; medians are reported")
     p.add_argument("--out", default="", help="also write the Markdown table to this file")
     args = p.parse_args(argv)
 
@@ -160,27 +162,38 @@ def main(argv: list[str] | None = None) -> str:
             2 * chunk_steps(AugConfig().chunk_images, args.batch_size, device) * args.batch_size)
     x, y, source = load_images(args.data_dir, n)
 
-    rows = []
-    pil = bench_pil_loop(x, min(args.pil_images, x.shape[0]))
-    rows.append(("torchvision per-image PIL loop (1 process)", pil))
-    if args.loader_workers > 0:
-        rate = bench_loader(x, y, args.batch_size, args.loader_workers, args.loader_batches)
-        rows.append((f"torchvision per-image PIL, DataLoader ({args.loader_workers} workers)", rate))
-    rows.append((f"smallvit BatchAugment, batch {args.batch_size} on {device.type}, one batch per call",
-                 bench_batched(x, y, args.batch_size, args.steps, device)))
+    # The rows are measured in alternating rounds and each reported as its median: this VM's speed drifts by up to
+    # 30% within minutes, and one long measurement per row would compare rows taken at different speeds.
     k = chunk_steps(AugConfig().chunk_images, args.batch_size, device)
+    runs = {"torchvision per-image PIL loop (1 process)":
+            lambda: bench_pil_loop(x, min(args.pil_images // args.rounds, x.shape[0]))}
+    if args.loader_workers > 0:
+        runs[f"torchvision per-image PIL, DataLoader ({args.loader_workers} workers)"] = \
+            lambda: bench_loader(x, y, args.batch_size, args.loader_workers, args.loader_batches)
+    runs[f"smallvit BatchAugment, batch {args.batch_size} on {device.type}, one batch per call"] = \
+        lambda: bench_batched(x, y, args.batch_size, args.steps, device)
     if k > 1:
-        rows.append((f"smallvit BatchAugment, batch {args.batch_size} on {device.type}, {k * args.batch_size} images "
-                     f"per call (train.py's default, aug.chunk_images=0)",
-                     bench_batched(x, y, args.batch_size, args.steps, device, k)))
+        runs[f"smallvit BatchAugment, batch {args.batch_size} on {device.type}, {k * args.batch_size} images per call "
+             f"(train.py's default, aug.chunk_images=0)"] = lambda: bench_batched(x, y, args.batch_size, args.steps,
+                                                                                 device, k)
+    rates: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(args.rounds):
+        for label, run in runs.items():
+            rates[label].append(run())
+    pils = rates[next(iter(runs))]
+    pil = statistics.median(pils)
+    rows = [(label, statistics.median(r), min(a / b for a, b in zip(r, pils)), max(a / b for a, b in zip(r, pils)))
+            for label, r in rates.items()]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     title = (f"Augmentation throughput on {device} ({name}), torch {torch.__version__}, "
              f"{args.threads} torch thread(s), data: {source}.")
-    note = ("Speed-up is relative to the per-image PIL loop. BatchAugment also does Mixup/CutMix and label "
+    note = ("Speed-up is relative to the per-image PIL loop; the range is each round's rate over the same round's PIL "
+            "loop. BatchAugment also does Mixup/CutMix and label "
             "smoothing; the PIL pipeline stops at Random Erasing (batch mixing costs little either way).")
-    lines = [title, "", "| pipeline | img/s | speed-up |", "|---|---:|---:|"]
-    lines += [f"| {label} | {rate:,.0f} | {rate / pil:.1f}x |" for label, rate in rows]
+    head = f"| pipeline | img/s (median of {args.rounds} rounds) | speed-up | speed-up range over rounds |"
+    lines = [title, "", head, "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {rate:,.0f} | {rate / pil:.1f}x | {lo:.1f}-{hi:.1f}x |" for label, rate, lo, hi in rows]
     where = "Where BatchAugment's time goes (each stage timed alone, at train.py's images per call):"
     lines += ["", note, "", where, "", "| stage | images per call | ms per call | µs per image |",
               "|---|---:|---:|---:|"]

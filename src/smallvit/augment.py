@@ -84,8 +84,7 @@ def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng
     """Random Erasing on a normalised float batch (SPEC 5.3.3), one rectangle per selected sample (erase_boxes).
 
     The fill is the reference's (the raw dataset mean written into normalised space), zero, or Gaussian noise drawn
-    from the device generator `g`. Only the erased samples (a quarter at the default p) are read and written:
-    the boxes are known on the host, so they are picked out without a device sync. inplace=True writes into x.
+    from the device generator `g` for the erased samples only. inplace=True writes into x.
     """
     B, C, H, W = x.shape
     dev = x.device
@@ -94,22 +93,28 @@ def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng
     out = x if inplace else x.clone()
     if rows.size == 0:
         return out
-    idx = torch.from_numpy(rows).to(dev, non_blocking=True)  # no wait for the device
-    box = torch.from_numpy(boxes[rows]).to(dev, non_blocking=True)
+    # Only the erased samples (a quarter at the default p) are picked out, erased and written back; the rows are
+    # known on the host, so this needs no device sync.
+    idx = torch.from_numpy(rows).to(dev, non_blocking=True)
+    box = torch.from_numpy(boxes[rows]).to(dev, non_blocking=True)  # no wait for the device
     ys = torch.arange(H, device=dev, dtype=torch.float32)
     xs = torch.arange(W, device=dev, dtype=torch.float32)
     my = ((ys >= box[:, 0:1]) & (ys < box[:, 1:2])).float()  # (n, H)
     mx = ((xs >= box[:, 2:3]) & (xs < box[:, 3:4])).float()  # (n, W)
     mask = (my[:, :, None] * mx[:, None, :])[:, None]  # (n, 1, H, W), 0 or 1
-    n = rows.size
     if cfg.erase_fill == "reference":  # raw dataset mean written into normalised space (SPEC 5.3.3)
-        fill = fill_mean.view(1, C, 1, 1).to(x.dtype).expand(n, C, H, W)
+        fill = fill_mean.view(1, C, 1, 1).to(x.dtype).expand(1, C, 1, 1)
     elif cfg.erase_fill == "zero":
-        fill = x.new_zeros(1, 1, 1, 1).expand(n, C, H, W)
+        fill = x.new_zeros(1, 1, 1, 1).expand(1, C, 1, 1)
     else:
-        fill = torch.randn((n, C, H, W), device=dev, generator=g, dtype=x.dtype)
-    # lerp with a 0/1 weight is exact (weight 1 returns `fill`) and, on CPU, ~10x faster than torch.where.
-    return out.index_copy_(0, idx, torch.lerp(out.index_select(0, idx), fill, mask))
+        fill = torch.randn((rows.size, C, H, W), device=dev, generator=g, dtype=x.dtype)
+    # Rows copied as 8-byte words where they divide evenly (faster on CPU than 4-byte elements); an in-place lerp with
+    # a 0/1 weight is exact (weight 1 writes `fill`) and, on CPU, ~10x faster than torch.where.
+    flat = out.view(B, C * H * W)
+    wide = flat.view(torch.int64) if out.element_size() == 4 and (C * H * W) % 2 == 0 and out.is_contiguous() else flat
+    erased = wide.index_select(0, idx).view(out.dtype).view(rows.size, C, H, W).lerp_(fill, mask)
+    wide.index_copy_(0, idx, erased.view(rows.size, -1).view(wide.dtype))
+    return out
 
 
 def smooth_targets(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
