@@ -35,7 +35,9 @@ def cmd_train(args) -> int:
         print(f"run folder: {out}")
     result = train(cfg, out, resume=args.resume)
     if result["status"] == "interrupted":  # every rank says where it stopped (they agree on the step)
-        print(f"interrupted at step {result['step']}; resume with the same command plus --resume")
+        # One write per line: the ranks share the launcher's stdout, and print's two writes (text, newline) interleave.
+        sys.stdout.write(f"interrupted at step {result['step']}; resume with the same command plus --resume\n")
+        sys.stdout.flush()
         return 130
     if main_rank:
         ips = result["train_img_per_s"]
