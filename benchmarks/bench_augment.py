@@ -74,7 +74,7 @@ def bench_stages(x: torch.Tensor, y: torch.Tensor, batch: int, call: int, steps:
     nb = x.shape[0] // call
     xb = lambda i: x[(i % nb) * call:(i % nb + 1) * call]
     cropped = augment.crop_flip(xb(0), cfg.crop_pad, cfg.flip, g)
-    normed = cropped.float().mul_(aug.scale).add_(aug.shift)
+    normed = augment.normalise(cropped, aug.scale, aug.shift)
     targets = augment.smooth_targets(y[:batch], 10, 0.1)
     aa = lambda i, sync_free=None: autoaugment.autoaugment(xb(i), "cifar10", g, sync_free=sync_free)
     stages = {
@@ -84,7 +84,7 @@ def bench_stages(x: torch.Tensor, y: torch.Tensor, batch: int, call: int, steps:
         # per call) or every op family on the whole batch with neutral parameters (no sync).
         "&nbsp;&nbsp;AutoAugment, sorted sub-batches": (call, lambda i: aa(i, False)),
         "&nbsp;&nbsp;AutoAugment, sync-free (whole batch)": (call, lambda i: aa(i, True)),
-        "normalise": (call, lambda i: cropped.float().mul_(aug.scale).add_(aug.shift)),
+        "normalise": (call, lambda i: augment.normalise(cropped, aug.scale, aug.shift)),
         "Random Erasing": (call, lambda i: augment.random_erasing(normed, cfg, aug.mean, np.random.default_rng(i),
                                                                    inplace=True)),
         "Mixup / CutMix + smoothing (per step)": (batch, lambda i: augment.mix(normed[:batch], targets, cfg,

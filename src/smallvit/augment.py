@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .config import AugConfig
 
 
@@ -49,9 +50,19 @@ def crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torc
     k = 2 * pad + 1
     oy = torch.randint(0, k, (B,), device=dev, generator=g)
     ox = torch.randint(0, k, (B,), device=dev, generator=g)
+    if cpu_kernels.usable(x):  # one pass, the same images (cpu_kernels.py)
+        return cpu_kernels.crop_flip(x, do, oy, ox, pad)
     index = _crop_flip_index(H, W, pad, dev).view(2 * k * k, H * W).index_select(0, (do * k + oy) * k + ox)
     xp = F.pad(x, (pad, pad, pad, pad)) if pad else x  # zero (black) padding, as the reference
     return xp.reshape(B, C, -1).gather(2, index.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
+
+
+def normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 x * scale + shift, scale and shift (1, C, 1, 1): (x / 255 - mean) / std in one
+    multiply-add. One fused pass on CPU (cpu_kernels), the same values."""
+    if cpu_kernels.usable(x):
+        return cpu_kernels.normalise(x, scale, shift)
+    return x.float().mul_(scale).add_(shift)
 
 
 def erase_boxes(n: int, H: int, W: int, cfg: AugConfig, rng: np.random.Generator, attempts: int = 10) -> np.ndarray:
@@ -93,6 +104,8 @@ def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng
     out = x if inplace else x.clone()
     if rows.size == 0:
         return out
+    if cfg.erase_fill != "noise" and cpu_kernels.usable(out) and out.is_contiguous() and out.dtype == torch.float32:
+        return cpu_kernels.fill_boxes(out, boxes, fill_mean if cfg.erase_fill == "reference" else torch.zeros(C))
     # Only the erased samples (a quarter at the default p) are picked out, erased and written back; the rows are
     # known on the host, so this needs no device sync.
     idx = torch.from_numpy(rows).to(dev, non_blocking=True)
@@ -191,7 +204,7 @@ class BatchAugment:
         x = crop_flip(x, cfg.crop_pad, cfg.flip, self.g_dev)
         if cfg.autoaugment != "none":
             x = self._autoaugment(x)
-        x = x.float().mul_(self.scale).add_(self.shift)
+        x = normalise(x, self.scale, self.shift)
         if cfg.erase_p > 0:  # host draws from their own stream: (seed, key, 1), apart from targets()' (seed, step)
             x = random_erasing(x, cfg, self.mean, np.random.default_rng([self._seed(key), 1]), self.g_dev,
                                inplace=True)

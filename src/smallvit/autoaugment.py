@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
+
 
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "color", "contrast", "sharpness",
        "brightness", "posterize", "solarize", "autocontrast", "equalize", "invert")
@@ -202,7 +204,10 @@ def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     N, _, H, W = x.shape
     # affine_grid's sampling grid as one (2N x 3) @ (3 x HW) matmul; on CPU F.affine_grid's batched 3-wide matmul
     # costs several times more than the resampling itself.
-    grid = (theta.reshape(N * 2, 3) @ _base_grid(H, W, x.device, theta.dtype)).view(N, 2, H, W).permute(0, 2, 3, 1)
+    grid = theta.reshape(N * 2, 3) @ _base_grid(H, W, x.device, theta.dtype)
+    if mode == "nearest" and cpu_kernels.usable(x):  # one pass: grid_sample's rounding, grey outside (cpu_kernels)
+        return cpu_kernels.warp_nearest(x, grid.view(N, 2, H * W), 128)
+    grid = grid.view(N, 2, H, W).permute(0, 2, 3, 1)
     # Sampling x - 128 with zero padding and adding 128 back gives exact grey where the source is missing. The
     # shift is free in bytes: flipping the top bit of a uint8 and reading it as int8 subtracts 128, and back.
     # Nearest sampling returns source values; bilinear ones are rounded (a mean of values in [-128, 127] stays there).
@@ -288,9 +293,12 @@ def _point_lut(x: torch.Tensor, op: str, value: torch.Tensor) -> torch.Tensor:
     elif op == "equalize":
         # torchvision's (and PIL's) table from each channel's histogram, in float32: every count is a whole number
         # below 2^24 and the divisor at most 4 (32 x 32), so the floors are exact; integer division is far slower.
-        bins = x.reshape(N * C, H * W).int().add_(torch.arange(0, N * C * 256, 256, device=x.device,
-                                                                  dtype=torch.int32).view(N * C, 1))
-        hist = torch.bincount(bins.view(-1), minlength=N * C * 256).view(N * C, 256).float()  # one row per channel
+        if cpu_kernels.usable(x):
+            hist = cpu_kernels.histograms(x).view(N * C, 256).float()
+        else:
+            bins = x.reshape(N * C, H * W).int().add_(torch.arange(0, N * C * 256, 256, device=x.device,
+                                                                      dtype=torch.int32).view(N * C, 1))
+            hist = torch.bincount(bins.view(-1), minlength=N * C * 256).view(N * C, 256).float()  # a row per channel
         last = hist.gather(1, x.amax(dim=(2, 3)).view(N * C, 1).long())  # count of the largest value present
         step = (H * W - last).div_(255).floor_()
         # lut[k] = floor((sum of counts below k + step // 2) / step), lut[0] = 0; identity when step is 0 (one value
@@ -304,6 +312,8 @@ def _point_lut(x: torch.Tensor, op: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    if cpu_kernels.usable(x):
+        return cpu_kernels.apply_lut(x, lut)
     N, C, H, W = x.shape
     return lut.gather(2, x.reshape(N, C, H * W).long()).view(N, C, H, W)
 
@@ -324,6 +334,15 @@ def apply_op(x: torch.Tensor, op: str, value: torch.Tensor) -> torch.Tensor:
 def _apply_kernel(x: torch.Tensor, kernel: tuple[str, ...], runs: list[tuple[str, int]], values: torch.Tensor
                   ) -> torch.Tensor:
     """One call for a sub-batch whose samples drew ops of one kernel, sorted by op: `runs` = [(op, count), ...]."""
+    if kernel is POINT and cpu_kernels.usable(x):  # every table and the lookups in one compiled pass
+        codes = torch.repeat_interleave(torch.tensor([POINT.index(op) for op, _ in runs]),
+                                        torch.tensor([count for _, count in runs]))
+        means, start = torch.zeros(x.shape[0]), 0
+        for op, count in runs:  # contrast's grey mean, with PyTorch's float rounding (as _point_lut)
+            if op == "contrast":
+                means[start:start + count] = _grey(x[start:start + count].float()).mean(dim=(1, 2, 3))
+            start += count
+        return cpu_kernels.point_ops(x, codes, values, means)
     if len(runs) == 1:
         return apply_op(x, runs[0][0], values)
     parts, start = [], 0
