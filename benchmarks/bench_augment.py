@@ -26,7 +26,7 @@ from timing import images_per_second
 from PIL import Image
 from torchvision import transforms as T
 
-from smallvit import augment, data
+from smallvit import augment, cpu_kernels, data
 from smallvit.config import AugConfig
 from smallvit.train import chunk_steps
 
@@ -92,6 +92,15 @@ def bench_stages(x: torch.Tensor, y: torch.Tensor, batch: int, call: int, steps:
     }
     return [(name, n, 1e3 * n / images_per_second(fn, max(1, steps * batch // n), 3, n, device))
             for name, (n, fn) in stages.items()]
+
+
+def without_kernels(fn):
+    """fn() with smallvit's fused CPU kernels (cpu_kernels.py) switched off."""
+    before, cpu_kernels.ENABLED = cpu_kernels.ENABLED, False
+    try:
+        return fn()
+    finally:
+        cpu_kernels.ENABLED = before
 
 
 def pil_pipeline() -> T.Compose:
@@ -176,6 +185,9 @@ def main(argv: list[str] | None = None) -> str:
         runs[f"smallvit BatchAugment, batch {args.batch_size} on {device.type}, {k * args.batch_size} images per call "
              f"(train.py's default, aug.chunk_images=0)"] = lambda: bench_batched(x, y, args.batch_size, args.steps,
                                                                                  device, k)
+    if device.type == "cpu" and cpu_kernels.ENABLED and k > 1:  # the same work without the fused CPU kernels
+        runs["&nbsp;&nbsp;the same, PyTorch ops only (SMALLVIT_NUMBA=0, the code path CUDA runs)"] = \
+            lambda: without_kernels(lambda: bench_batched(x, y, args.batch_size, args.steps, device, k))
     rates: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(args.rounds):
         for label, run in runs.items():

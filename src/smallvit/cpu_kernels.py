@@ -3,8 +3,8 @@
 Written by hand because no maintained library does these on whole uint8 batches with per-sample parameters, and in
 eager PyTorch each is several passes over the batch plus an int64 index tensor: a random crop is a pad, a row of
 indices per image and a gather; a per-image lookup table is an int64 copy of the images and a gather; normalising is
-a conversion, a multiply and an add. A compiled loop does each in one pass (3-7x faster on this project's 2-core
-CPU; benchmarks/bench_augment.py prints both paths).
+a conversion, a multiply and an add. A compiled loop does each in one pass: 2-7x faster per step on this project's
+2-core CPU, the whole training augmentation about 1.6x (benchmarks/bench_augment.py prints both paths).
 
 Every kernel returns exactly the values of the PyTorch code it replaces (tests/test_cpu_kernels.py); that code
 stays the path for CUDA tensors, and for CPUs where numba is missing or SMALLVIT_NUMBA=0. The random draws are
