@@ -229,6 +229,11 @@ def test_shape_dtype_range_preserved(shape, kind):
     y = A.randaugment(x, 2, 30, g) if kind == "rand" else A.autoaugment(x, kind, g)
     assert y.shape == x.shape and y.dtype == torch.uint8 and y.device == x.device
     assert x.data_ptr() != y.data_ptr() or x.numel() == 0  # the input is never modified in place
+    if x.numel():  # any memory layout gives the same images
+        again = (A.randaugment(x.contiguous(memory_format=torch.channels_last), 2, 30, torch.Generator().manual_seed(0))
+                 if kind == "rand" else
+                 A.autoaugment(x.contiguous(memory_format=torch.channels_last), kind, torch.Generator().manual_seed(0)))
+        assert torch.equal(again, y)
 
 
 def test_input_validation():

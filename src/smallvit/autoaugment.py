@@ -414,7 +414,7 @@ def _apply_stages(x: torch.Tensor, ops: torch.Tensor, values: torch.Tensor, fire
             continue
         order = torch.argsort(key[:, s], stable=True)  # samples sorted by op, ops grouped by kernel
         if cur is None:
-            cur = _as_rows(x).index_select(0, order)
+            cur = _as_rows(x.contiguous()).index_select(0, order)  # channels-last or transposed input too
         else:
             where = torch.empty_like(pos).index_copy_(0, pos, torch.arange(B, device=x.device))  # sample -> row
             cur = cur.index_select(0, where.index_select(0, order))
