@@ -30,7 +30,12 @@ ENABLED = numba is not None and os.environ.get("SMALLVIT_NUMBA", "1") != "0"
 
 def _jit(fn):
     # nogil: the loops hold no Python objects; cache: compiled once per machine, not per process.
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # no writable cache folder (numba: "no locator available"): compile in every process
+        return numba.njit(nogil=True)(fn)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
