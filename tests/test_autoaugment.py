@@ -181,6 +181,85 @@ def test_sync_free_path_equals_the_grouped_path(policy, size):
     assert torch.equal(grouped, A.randaugment(x, 2, 12, torch.Generator().manual_seed(6), sync_free=True))
 
 
+# ------------------------------------------------------------------------- machine independence (warp.py, _lerp_fixed)
+
+def _policy_values() -> dict[str, set[float]]:
+    """Every unsigned value of every op that AutoAugment (three policies) and RandAugment (all magnitudes) can draw,
+    as the float32 the code computes."""
+    vals: dict[str, set[float]] = {}
+    for rows in A.POLICIES.values():
+        for r in rows:
+            for op, idx in ((r[1], r[2]), (r[4], r[5])):
+                vals.setdefault(op, set()).add(A.op_magnitude(op, idx / 9))
+    for m in range(31):
+        for op in A.RAND_OPS:
+            vals.setdefault(op, set()).add(A.op_magnitude(op, m / 30))
+    return {op: {float(torch.tensor(v, dtype=torch.float32)) for v in vs} for op, vs in vals.items()}
+
+
+def test_fixed_point_maps_are_far_from_rounding_boundaries():
+    """The only floating point in a warp is rounding its map to multiples of 2^-16 (cos and sin in float64 for
+    rotate). A 1-ulp difference between machines' cos/sin (about 1e-16, so 1e-11 after scaling) could change an
+    entry only within that distance of a half-integer; every value the policies draw is much further away."""
+    from smallvit import warp
+
+    vals = _policy_values()
+    for op in ("shear_x", "shear_y", "rotate"):
+        for v in vals[op]:
+            for s in (v, -v):
+                if op == "rotate":
+                    a = math.radians(s)
+                    entries = (math.cos(a), math.sin(a))
+                else:
+                    entries = (s,)
+                for e in entries:
+                    assert warp.fraction_to_boundary(e) > 1e-6, (op, s, e)
+    # the float64 values torch computes round to the same entries as Python's math library
+    degrees = torch.tensor(sorted(vals["rotate"]), dtype=torch.float32)
+    M = warp.rotate(torch.cat([degrees, -degrees]))
+    ref = [round(math.cos(math.radians(float(d))) * warp.K) for d in torch.cat([degrees, -degrees])]
+    assert M[:, 0, 0].tolist() == ref
+
+
+def test_nearest_warp_equals_an_exact_rational_reference():
+    """Source pixel of every output pixel of a rotation, from the integer map with Python's exact integers
+    (round half to even), equals warp.nearest; and the integer map is the true rotation to within 2^-17 per entry."""
+    from fractions import Fraction
+
+    from smallvit import warp
+
+    x = images(3, size=12)
+    degrees = torch.tensor([6.6666665, -30.0, 90.0])
+    M = warp.rotate(degrees)
+    out = warp.nearest(x, M, 128)
+    H = W = 12
+    for n in range(3):
+        m = [[int(v) for v in row] for row in M[n]]
+        c, s = math.cos(math.radians(float(degrees[n]))), math.sin(math.radians(float(degrees[n])))
+        assert abs(m[0][0] / warp.K - c) <= 2**-17 and abs(m[1][0] / warp.K - s) <= 2**-17
+        for i in range(H):
+            for j in range(W):
+                X, Y = 2 * j + 1 - W, 2 * i + 1 - H
+                col = round(Fraction(m[0][0] * X + m[0][1] * Y + m[0][2] + (W - 1) * warp.K, 2 * warp.K))
+                row = round(Fraction(m[1][0] * X + m[1][1] * Y + m[1][2] + (H - 1) * warp.K, 2 * warp.K))
+                want = x[n, :, row, col] if 0 <= col < W and 0 <= row < H else torch.full((3,), 128, dtype=torch.uint8)
+                assert torch.equal(out[n, :, i, j], want), (n, i, j)
+
+
+@pytest.mark.parametrize("op", A.GEOMETRIC + ("color", "sharpness", "contrast", "brightness"))
+def test_ops_do_not_depend_on_batch_composition(op):
+    """An image gives the same pixels alone, in a batch, and in a reordered batch of another size: nothing in an
+    op's arithmetic depends on which other images share the call (BLAS blocking, vector tails)."""
+    x = images(37)
+    top = A.op_magnitude(op, 1.0)
+    v = torch.linspace(-1, 1, 37) * top
+    whole = A.apply_op(x, op, v)
+    perm = torch.randperm(37, generator=torch.Generator().manual_seed(3))[:29]
+    assert torch.equal(A.apply_op(x[perm], op, v[perm]), whole[perm])
+    for i in (0, 5, 36):
+        assert torch.equal(A.apply_op(x[i:i + 1], op, v[i:i + 1]), whole[i:i + 1])
+
+
 @pytest.mark.parametrize("policy", sorted(A.POLICIES))
 def test_subpolicy_and_firing_rates(policy):
     B = 20000

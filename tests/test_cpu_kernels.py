@@ -82,7 +82,7 @@ def test_normalise_and_constant_erasing_equal_the_torch_ops():
         assert torch.equal(fast, slow) and not torch.equal(fast, normed)
 
 
-def test_lookup_tables_histograms_and_nearest_warps_equal_the_torch_ops():
+def test_lookup_tables_histograms_and_warps_equal_the_torch_ops():
     x = images(40)
     lut = torch.randint(0, 256, (40, 3, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(*both(lambda: A._apply_lut(x, lut)))
@@ -91,7 +91,8 @@ def test_lookup_tables_histograms_and_nearest_warps_equal_the_torch_ops():
     assert torch.equal(hist.long(), torch.stack([torch.stack([torch.bincount(x[i, c].flatten(), minlength=256)
                                                               for c in range(3)]) for i in range(40)]))
     v = torch.linspace(-1, 1, 40)
-    for op, top in (("rotate", 30.0), ("translate_x", 150 / 331), ("translate_y", 150 / 331)):
+    for op, top in (("rotate", 30.0), ("translate_x", 150 / 331), ("translate_y", 150 / 331), ("shear_x", 0.3),
+                    ("shear_y", 0.3)):
         fast, slow = both(lambda op=op, top=top: A.apply_op(x, op, v * top))
         assert torch.equal(fast, slow), op
 

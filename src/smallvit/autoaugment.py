@@ -13,7 +13,8 @@ posterize 8 - round(4 f) bits (8,8,7,7,6,6,5,5,4,4 over idx 0..9), solarize thre
 
 Deviations from the PIL reference, all deliberate:
 - Interpolation: shear is bilinear (the reference is bicubic, which torchvision tensors do not offer for affine
-  warps); translate and rotate are nearest, as the reference. Uncovered pixels are grey 128.
+  warps); translate and rotate are nearest, as the reference. Uncovered pixels are grey 128. Every warp runs in
+  exact integer arithmetic (warp.py), so its pixels are the same on every machine, device and batch composition.
 - Translations are rounded to whole pixels, so a nearest-neighbour translate is an exact shift.
 - Rotation gets a random sign by default (standard AutoAugment); rotate_sign="ccw" keeps the reference's quirk of
   always rotating counter-clockwise (SPEC 12.19).
@@ -27,9 +28,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from . import cpu_kernels
+from . import cpu_kernels, warp
 
 
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "color", "contrast", "sharpness",
@@ -165,55 +165,34 @@ _RANK = torch.tensor([KERNEL_ORDER.index(op) for op in OPS])  # op id -> positio
 
 
 def _theta(op: str, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """affine_grid matrices (N, 2, 3) for shear / translate / rotate by the per-image values v (float).
+    """Integer affine maps (N, 2, 3) (warp.py) for shear / translate / rotate by the per-image values v (float).
 
-    The inverse maps (output pixel -> input pixel) are those of PIL and torchvision, in pixel units with the origin at
-    the top-left corner: shear about the corner (x_in = x + v y), rotation about the centre, positive =
-    counter-clockwise, translation by whole pixels. Written out here in grid_sample's normalised coordinates
-    (align_corners=False, pixel = (u + 1) size / 2), where the rotation about the centre has no offset.
+    The inverse maps (output pixel -> input pixel) are those of PIL and torchvision, with the origin at the top-left
+    corner: shear about the corner (x_in = x + v y), rotation about the centre, positive = counter-clockwise,
+    translation by whole pixels.
     """
-    one, zero = torch.ones_like(v), torch.zeros_like(v)
     if op == "shear_x":
-        m = (one, v * (H / W), v * (H / W), zero, one, zero)
-    elif op == "shear_y":
-        m = (one, zero, zero, v * (W / H), one, v * (W / H))
-    elif op == "translate_x":
-        m = (one, zero, torch.round(v * W) * (-2 / W), zero, one, zero)
-    elif op == "translate_y":
-        m = (one, zero, zero, zero, one, torch.round(v * H) * (-2 / H))
-    elif op == "rotate":
-        a = torch.deg2rad(v)
-        c, s = a.cos(), a.sin()
-        m = (c, s * (-H / W), zero, s * (W / H), c, zero)
-    else:
-        raise ValueError(f"{op!r} is not a geometric op; geometric ops: {', '.join(GEOMETRIC)}")
-    return torch.stack(m, 1).view(-1, 2, 3)
-
-
-@functools.cache
-def _base_grid(H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Pixel-centre coordinates (u, v, 1) in grid_sample's normalised units (align_corners=False), (3, H * W)."""
-    u = (torch.arange(W, device=device, dtype=dtype) * 2 + 1) / W - 1
-    v = (torch.arange(H, device=device, dtype=dtype) * 2 + 1) / H - 1
-    return torch.stack([u.expand(H, W), v[:, None].expand(H, W), torch.ones(H, W, device=device, dtype=dtype)]
-                       ).view(3, H * W)
+        return warp.shear_x(v, H, W)
+    if op == "shear_y":
+        return warp.shear_y(v, H, W)
+    if op in ("translate_x", "translate_y"):
+        t = torch.round(v * (W if op == "translate_x" else H)).long()
+        zero = torch.zeros_like(t)
+        return warp.translate(t, zero) if op == "translate_x" else warp.translate(zero, t)
+    if op == "rotate":
+        return warp.rotate(v)
+    raise ValueError(f"{op!r} is not a geometric op; geometric ops: {', '.join(GEOMETRIC)}")
 
 
 def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
-    """Resample each uint8 image through its own affine map (nearest or bilinear); grey fill outside the source."""
-    N, _, H, W = x.shape
-    # affine_grid's sampling grid as one (2N x 3) @ (3 x HW) matmul; on CPU F.affine_grid's batched 3-wide matmul
-    # costs several times more than the resampling itself.
-    grid = theta.reshape(N * 2, 3) @ _base_grid(H, W, x.device, theta.dtype)
-    if mode == "nearest" and cpu_kernels.usable(x):  # one pass: grid_sample's rounding, grey outside (cpu_kernels)
-        return cpu_kernels.warp_nearest(x, grid.view(N, 2, H * W), 128)
-    grid = grid.view(N, 2, H, W).permute(0, 2, 3, 1)
-    # Sampling x - 128 with zero padding and adding 128 back gives exact grey where the source is missing. The
-    # shift is free in bytes: flipping the top bit of a uint8 and reading it as int8 subtracts 128, and back.
-    # Nearest sampling returns source values; bilinear ones are rounded (a mean of values in [-128, 127] stays there).
-    shifted = (x ^ 128).view(torch.int8).to(theta.dtype)
-    out = F.grid_sample(shifted, grid, mode=mode, padding_mode="zeros", align_corners=False)
-    return (out if mode == "nearest" else out.round_()).to(torch.int8).view(torch.uint8) ^ 128
+    """Resample each uint8 image through its own integer map (nearest or bilinear); grey fill outside the source."""
+    if mode == "nearest":
+        if cpu_kernels.usable(x):  # one pass: the same integer arithmetic, compiled
+            return cpu_kernels.warp_nearest(x, theta, 128)
+        return warp.nearest(x, theta, 128)
+    if cpu_kernels.usable(x):
+        return cpu_kernels.warp_bilinear(x, theta, 128)
+    return warp.bilinear(x, theta, 128)
 
 
 def _grey(xf: torch.Tensor) -> torch.Tensor:
@@ -233,13 +212,13 @@ def _blend(x: torch.Tensor, degenerate, factor: torch.Tensor) -> torch.Tensor:
 def _enhance(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Tensor:
     """Color (blend with the grey image) or sharpness (blend with a 3x3-smoothed image) with one factor per image.
 
-    The blends are a lerp: one pass over the images instead of three (a rounding step apart from the blend of the
-    point ops, still within one grey level of torchvision).
+    The blends are in fixed point (_lerp_fixed): exact integer arithmetic, so the same pixels on every machine and
+    device (torch.lerp's float result depends on FMA), within one grey level of torchvision.
     """
     w = (1.0 - factor.float()).view(-1, 1, 1, 1)
     xf = x.float()
     if op == "color":
-        return torch.lerp(xf, _grey(xf).expand_as(xf), w).clamp_(0, 255).to(torch.uint8)
+        return _lerp_fixed(x, _grey(xf), w)
     # Sharpness: PIL's smoothing kernel (1s around a 5, / 13); the one-pixel border stays as it is (blend weight 0
     # there). Written as shifted sums over the flattened batch: contiguous 1-D adds, several times faster on CPU than
     # a grouped conv2d or 2-D slices; sums that wrap across rows, channels or images only land on the border. Exact
@@ -253,7 +232,15 @@ def _enhance(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Tensor:
     box += rows[2 * W:]  # 3x3 sums centred on f[W + 1 .. L - W - 2]
     smooth = f.clone()
     smooth[W + 1:L - W - 1] = box.add_(f[W + 1:L - W - 1], alpha=4.0).mul_(1.0 / 13.0).round_()
-    return torch.lerp(xf, smooth.view(N, C, H, W), w * _interior(H, W, x.device)).clamp_(0, 255).to(torch.uint8)
+    return _lerp_fixed(x, smooth.view(N, C, H, W), w * _interior(H, W, x.device))
+
+
+def _lerp_fixed(x: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x + (target - x) w for uint8 x and whole-valued target, floored and clamped to uint8, with w rounded to a
+    multiple of 2^-16: integer products and sums (|w| <= 2 keeps them within int32), identical everywhere."""
+    wq = torch.round(w.double() * 65536).int()
+    xi = x.int()
+    return ((xi << 16) + (target.int() - xi) * wq >> 16).clamp_(0, 255).to(torch.uint8)
 
 
 @functools.cache
@@ -371,7 +358,7 @@ def _masked_kernel(x: torch.Tensor, kernel: tuple[str, ...], present: list[str],
             lut = torch.where(sel[op].view(B, 1, 1), _point_lut(x, op, safe[op]), lut)
         return _apply_lut(x, lut)
     if kernel[0] in GEOMETRIC:
-        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
+        theta = warp.identity(B, x.device)
         for op in present:
             theta = torch.where(sel[op].view(B, 1, 1), _theta(op, safe[op].float(), *x.shape[2:]), theta)
         return _warp(x, theta, "bilinear" if kernel[0].startswith("shear") else "nearest")

@@ -92,29 +92,81 @@ def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 @_jit
-def _warp_nearest(x, grid, H, W, fill, out):  # pragma: no cover - compiled
-    N, C, HW = x.shape
-    src = np.empty(HW, np.int64)
-    half, one = np.float32(0.5), np.float32(1)
+def _source_position(M, n, i, j, H, W, K):  # pragma: no cover - compiled
+    """warp._source for output pixel (i, j) of image n: 2K x (source column, source row), int64."""
+    X, Y = 2 * j + 1 - W, 2 * i + 1 - H
+    px = M[n, 0, 0] * X + M[n, 0, 1] * Y + M[n, 0, 2] + (W - 1) * K
+    py = M[n, 1, 0] * X + M[n, 1, 1] * Y + M[n, 1, 2] + (H - 1) * K
+    return px, py
+
+
+@_jit
+def _warp_nearest(x, M, shift, fill, out):  # pragma: no cover - compiled
+    N, C, H, W = x.shape
+    K = np.int64(1) << shift
+    mask = 2 * K - 1  # positions in units of 1 / (2K) pixel; round half to even at K
     for n in range(N):
-        for k in range(HW):
-            # grid_sample's unnormalisation (align_corners=False) and nearest rounding (half to even), in float32
-            px = np.rint(((grid[n, 0, k] + one) * np.float32(W) - one) * half)
-            py = np.rint(((grid[n, 1, k] + one) * np.float32(H) - one) * half)
-            src[k] = int(py) * W + int(px) if 0 <= px <= W - 1 and 0 <= py <= H - 1 else -1
-        for c in range(C):
-            for k in range(HW):
-                out[n, c, k] = x[n, c, src[k]] if src[k] >= 0 else fill
+        for i in range(H):
+            for j in range(W):
+                px, py = _source_position(M, n, i, j, H, W, K)
+                col, rc = px >> (shift + 1), px & mask
+                row, rr = py >> (shift + 1), py & mask
+                col += 1 if rc > K or (rc == K and col & 1 == 1) else 0
+                row += 1 if rr > K or (rr == K and row & 1 == 1) else 0
+                if 0 <= col < W and 0 <= row < H:
+                    for c in range(C):
+                        out[n, c, i, j] = x[n, c, row, col]
+                else:
+                    for c in range(C):
+                        out[n, c, i, j] = fill
 
 
-def warp_nearest(x: torch.Tensor, grid: torch.Tensor, fill: int) -> torch.Tensor:
-    """grid_sample(mode="nearest", align_corners=False) of uint8 images through grid (N, 2, H * W) of normalised
-    (x, y) source coordinates per output pixel; pixels whose source is outside the image get `fill`."""
+def warp_nearest(x: torch.Tensor, M: torch.Tensor, fill: int) -> torch.Tensor:
+    """warp.nearest in one compiled pass: uint8 images resampled through integer maps M (N, 2, 3) (warp.py), the
+    same integer arithmetic; pixels whose source is outside the image get `fill`."""
+    from .warp import SHIFT
+
     x = x.contiguous()
     out = torch.empty_like(x)
+    _warp_nearest(x.numpy(), M.long().contiguous().numpy(), SHIFT, fill, out.numpy())
+    return out
+
+
+@_jit
+def _warp_bilinear(x, M, shift, frac, fill, out):  # pragma: no cover - compiled
     N, C, H, W = x.shape
-    _warp_nearest(x.view(N, C, H * W).numpy(), grid.float().contiguous().numpy(), H, W, fill,
-                  out.view(N, C, H * W).numpy())
+    K = np.int64(1) << shift
+    one, drop = np.int64(1) << frac, shift + 1 - frac
+    half = np.int64(1) << (2 * frac - 1)
+    for n in range(N):
+        for i in range(H):
+            for j in range(W):
+                px, py = _source_position(M, n, i, j, H, W, K)
+                px, py = px >> drop, py >> drop  # units of 2^-frac pixel, rounded down (warp.bilinear_taps)
+                c0, fx = px >> frac, px & (one - 1)
+                r0, fy = py >> frac, py & (one - 1)
+                for c in range(C):
+                    acc = np.int64(0)
+                    for dr in range(2):
+                        r = r0 + dr
+                        wy = fy if dr else one - fy
+                        for dc in range(2):
+                            cc = c0 + dc
+                            if 0 <= cc < W and 0 <= r < H:
+                                wx = fx if dc else one - fx
+                                acc += (np.int64(x[n, c, r, cc]) - fill) * (wx * wy)
+                    q, rem = acc >> (2 * frac), acc & (2 * half - 1)
+                    q += 1 if rem > half or (rem == half and q & 1 == 1) else 0
+                    out[n, c, i, j] = q + fill
+
+
+def warp_bilinear(x: torch.Tensor, M: torch.Tensor, fill: int) -> torch.Tensor:
+    """warp.bilinear in one compiled pass (the same integer taps, weights and rounding)."""
+    from .warp import FRAC, SHIFT
+
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _warp_bilinear(x.numpy(), M.long().contiguous().numpy(), SHIFT, FRAC, fill, out.numpy())
     return out
 
 
