@@ -237,7 +237,7 @@ def _enhance(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Tensor:
 
 def _lerp_fixed(x: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x + (target - x) w for uint8 x and whole-valued target, floored and clamped to uint8, with w rounded to a
-    multiple of 2^-16: integer products and sums (|w| <= 2 keeps them within int32), identical everywhere."""
+    multiple of 2^-16: integer products and sums (within int32 for |w| < 100), identical everywhere."""
     wq = torch.round(w.double() * 65536).int()
     xi = x.int()
     return ((xi << 16) + (target.int() - xi) * wq >> 16).clamp_(0, 255).to(torch.uint8)

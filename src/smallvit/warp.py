@@ -11,8 +11,9 @@ its rounding and the bilinear weights and sums are integer operations, identical
 Coordinates are doubled and centred: output pixel (row i, column j) of an H x W image is (X, Y) = (2j + 1 - W,
 2i + 1 - H), so pixel centres are odd integers and the image centre is 0. A map M (N, 2, 3) sends (X, Y) to the
 source position (M00 X + M01 Y + M02, M10 X + M11 Y + M12) / K in the same units; the source pixel column is then
-(Xs + W - 1) / 2, as in grid_sample with align_corners=False. Nearest rounds half to even (grid_sample's nearbyint);
-bilinear reads the position to 2^-11 pixel (rounded down) and rounds the weighted sum half to even. Pixels whose source lies outside the image take `fill`.
+(Xs + W - 1) / 2, as in grid_sample with align_corners=False. Nearest rounds half to even (grid_sample's
+nearbyint); bilinear reads the position to 2^-11 pixel (rounded down) and rounds the weighted sum half to even.
+Pixels whose source lies outside the image take `fill`.
 
 Only the float-to-fixed step of a map touches floating point (rotate's cos and sin, in float64): a 1-ulp difference
 there changes an entry only within 2^-36 of a rounding boundary, and `tests/test_autoaugment.py` checks that every
@@ -101,14 +102,6 @@ def nearest(x: torch.Tensor, M: torch.Tensor, fill: int) -> torch.Tensor:
     src = torch.where(inside, row * W + col, 0)
     out = x.reshape(N, C, H * W).gather(2, src.unsqueeze(1).expand(N, C, H * W))
     return torch.where(inside.unsqueeze(1), out, fill).view(N, C, H, W)
-
-
-def nearest_index(M: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """The flat source pixel of every output pixel for `nearest`, -1 outside (N, H * W) int64."""
-    px, py = _source(M, H, W)
-    col, row = _round_shift(px, SHIFT + 1), _round_shift(py, SHIFT + 1)
-    inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
-    return torch.where(inside, row * W + col, -1)
 
 
 FRAC = 11  # bilinear weights in units of 2^-FRAC pixel: 4 products of 2 weights and a value stay within int32
