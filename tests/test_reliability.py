@@ -394,9 +394,10 @@ def test_bad_checkpoint_is_one_error_and_left_alone(fake_cifar, tmp_path, capsys
     assert code == 2
     _one_error(err, "")
     expected = {"garbage": "is not a readable smallvit checkpoint", "truncated": "is not a readable smallvit",
-                "not-weights-only": "is not a readable smallvit", "weights-only": "cannot be resumed",
+                "not-weights-only": "may be unsafe", "weights-only": "cannot be resumed",
                 "other-model": "was saved from a different model"}[kind]
     assert expected in err and path.read_bytes() == bad and not marker.exists()
+    assert "weights_only" not in err  # never relay torch's advice to load untrusted files unsafely
 
 
 class _Evil:

@@ -296,3 +296,15 @@ def test_dataset_presets_and_names():
     names = D.CLASS_NAMES["cifar100"]
     assert len(names) == len(set(names)) == 100 and list(names) == sorted(names)
     assert D.dataset_meta("cifar100").class_names[:3] == ("apple", "aquarium_fish", "baby")
+
+
+def test_version_and_python_dash_m():
+    import subprocess
+    import sys
+
+    from smallvit import __version__
+
+    out = subprocess.run([sys.executable, "-m", "smallvit", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"smallvit {__version__}"
+    out = subprocess.run([sys.executable, "-m", "smallvit", "ablations"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "mla-qkv" in out.stdout

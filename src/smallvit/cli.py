@@ -42,9 +42,15 @@ def cmd_train(args) -> int:
     if main_rank:
         ips = result["train_img_per_s"]
         speed = f", {ips:.0f} img/s" if ips else ""
-        print(f"test accuracy {result['final_test_acc']:.2f}% (best {result['best_test_acc']:.2f}%) after "
+        if result.get("eval_split") == "val":  # the test set seen once, at the end; model selection on val
+            seen = (f"(validation {result['final_val_acc']:.2f}%, best {result['best_val_acc']:.2f}% on "
+                    f"{result['val_images']} held-out images)")
+        else:
+            seen = f"(best {result['best_test_acc']:.2f}%)"
+        print(f"test accuracy {result['final_test_acc']:.2f}% {seen} after "
               f"{result['epochs_done']:.2f} epochs, {result['wall_seconds']:.0f} s wall{speed}")
-        print(json.dumps({k: result[k] for k in ("final_test_acc", "best_test_acc", "step", "wall_seconds")}))
+        keys = ("final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc", "step", "wall_seconds")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
     return 0
 
 
@@ -155,7 +161,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="smallvit", description="Small Vision Transformers on small datasets.")
+    parser.add_argument("--version", action="version", version=f"smallvit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model")

@@ -48,6 +48,11 @@ class DataConfig:
     download: bool = True  # try the official source when files are missing
     subset: int = 0  # >0: use only the first N training images (tests, quick demos)
     test_subset: int = 0  # >0: evaluate on the first N test images only
+    # >0: hold N training images out (stratified by class) as a validation set: evaluations during training and
+    # best_* use it, the test set is evaluated once at the end. Chosen by val_seed, never by train.seed, so every
+    # run of a study holds out the same images. 0: the paper's protocol (the test set at every evaluation).
+    val_images: int = 0
+    val_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -353,6 +358,9 @@ def validate(cfg: Config) -> None:
     _check(d.dataset in ("cifar10", "cifar100", "svhn", "folder"),
            f"data.dataset must be cifar10, cifar100, svhn or folder (images at data.data_dir), got {d.dataset!r}")
     _check(d.subset >= 0 and d.test_subset >= 0, "data.subset and data.test_subset must be >= 0")
+    _check(d.val_images >= 0, f"data.val_images must be >= 0 (0: no validation split), got {d.val_images}")
+    _check(not d.subset or d.val_images < d.subset,
+           f"data.val_images={d.val_images} must be smaller than data.subset={d.subset}")
     _check(a.autoaugment in ("cifar10", "svhn", "imagenet", "rand", "none"),
            "aug.autoaugment must be cifar10, svhn, imagenet, rand or none")
     _check(a.rotate_sign in ("random", "ccw"), "aug.rotate_sign must be random or ccw")

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 
 class DataError(RuntimeError):
     """The dataset is missing or damaged; the message says what to do."""
@@ -347,6 +349,32 @@ def folder_stats(root: Path, img_size: int = 32) -> tuple[tuple[float, ...], tup
 def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float normalised with per-channel mean/std given in [0, 1] units."""
     return (x_uint8.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def val_split(labels: torch.Tensor, n_val: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices), disjoint and sorted: n_val images stratified by class.
+
+    Each class gives its share of n_val (largest remainders for the fractions, ties to the lower class), chosen
+    by a permutation from `seed` alone, so the split is the same for every training seed and on every machine.
+    """
+    labels = labels.cpu()
+    n = len(labels)
+    if not 0 < n_val < n:
+        raise ConfigError(f"data.val_images={n_val} must be between 1 and {n - 1} (there are {n} training images)")
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = [int(c) * n_val / n for c in counts]
+    take = [int(e) for e in exact]
+    for i in sorted(range(len(take)), key=lambda i: (-(exact[i] - take[i]), i))[: n_val - sum(take)]:
+        take[i] += 1
+    g = torch.Generator().manual_seed(seed)
+    val = []
+    for c, k in zip(classes.tolist(), take):
+        members = torch.nonzero(labels == c).flatten()
+        val.append(members[torch.randperm(len(members), generator=g)[:k]])
+    val_idx = torch.cat(val).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val_idx] = False
+    return torch.nonzero(keep).flatten(), val_idx
 
 
 def epoch_indices(n: int, epoch: int, seed: int, repeats: int, mode: str, batch_size: int) -> torch.Tensor:

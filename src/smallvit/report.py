@@ -65,12 +65,16 @@ def table_rows(groups: dict[str, list[dict]], baseline: str = "baseline") -> lis
         paper = PAPER_RESULTS.get(name)
         paper_delta = paper - PAPER_RESULTS["baseline"] if paper is not None and name != baseline else None
         ips = [r["train_img_per_s"] for r in recs if r.get("train_img_per_s")]
+        vals = [r["final_val_acc"] for r in recs if r.get("final_val_acc") is not None]
+        vm, vs = mean_std(vals) if vals else (None, None)
         rows.append({
             "ablation": name,
             "diff": json.dumps(ABLATIONS.get(name, recs[0].get("overrides", {}))),
             "n": len(accs),
             "acc_mean": m,
             "acc_std": s,
+            "val_mean": vm,  # final validation accuracy (data.val_images > 0): where the recipe was chosen
+            "val_std": vs,
             "delta": delta,
             "significance": significance(accs, base) if delta is not None else "",
             "paper_acc": paper,
@@ -90,11 +94,16 @@ def _fmt(v, spec):
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| ablation | diff from baseline | n | test acc % (mean ± std) | Δ vs baseline | significance | "
+    with_val = any(r["val_mean"] is not None for r in rows)
+    head = ("| ablation | diff from baseline | n | " + ("val acc % (mean ± std) | " if with_val else "")
+            + "test acc % (mean ± std) | Δ vs baseline | significance | "
             "paper % | paper Δ | params | GFLOP/img | img/s | wall min/run | device |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         acc = f"{r['acc_mean']:.2f} ± {_fmt(r['acc_std'], '.2f') or '–'}"
+        if with_val:
+            val = f"{r['val_mean']:.2f} ± {_fmt(r['val_std'], '.2f') or '–'}" if r["val_mean"] is not None else ""
+            acc = f"{val} | {acc}"
         lines.append(
             f"| {r['ablation']} | `{r['diff']}` | {r['n']} | {acc} | {_fmt(r['delta'], '+.2f')} | {r['significance']} "
             f"| {_fmt(r['paper_acc'], '.2f')} | {_fmt(r['paper_delta'], '+.2f')} | {r['params']:,} | "
@@ -147,8 +156,9 @@ def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    key = "val_acc" if any(r.get("eval_split") == "val" for recs in groups.values() for r in recs) else "test_acc"
     for name, recs in groups.items():
-        curves = [[(m["epoch"], m["test_acc"]) for m in read_metrics(Path(r["run_dir"])) if "test_acc" in m]
+        curves = [[(m["epoch"], m[key]) for m in read_metrics(Path(r["run_dir"])) if key in m]
                   for r in recs]
         curves = [c for c in curves if c]
         if not curves:
@@ -158,7 +168,7 @@ def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
         ys = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
         ax.plot(xs, ys, marker=".", label=f"{name} (n={len(curves)})")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.set_ylabel(f"{'validation' if key == 'val_acc' else 'test'} accuracy (%), mean over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import platform
 import subprocess
 import tempfile
@@ -93,6 +94,13 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"no checkpoint at {path}; pass a run folder or a {CHECKPOINT} file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # The weights-only unpickler met an object it does not allow. torch's message advises retrying with
+        # weights_only=False, which runs whatever code the file holds: never relay that for a file from elsewhere.
+        raise CheckpointError(
+            f"{path} is not a smallvit checkpoint: it holds Python objects beyond tensors and plain values, which "
+            f"smallvit refuses to load (such a file may be unsafe). Use a checkpoint written by smallvit."
+        ) from None
     except Exception as e:  # noqa: BLE001  (whatever torch raises for a bad file, the user gets one clear line)
         raise CheckpointError(
             f"{path} is not a readable smallvit checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
@@ -141,10 +149,28 @@ def git_info() -> dict:
     return {"sha": None, "dirty": None}
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def packages() -> dict[str, str]:
+    """Every installed distribution and its version: the resolved environment, to compare with requirements.lock."""
+    from importlib import metadata
+
+    return dict(sorted((d.metadata["Name"], d.version) for d in metadata.distributions() if d.metadata["Name"]))
 
 
 def environment(device: torch.device) -> dict:
@@ -160,6 +186,12 @@ def environment(device: torch.device) -> dict:
         "timm": timm.__version__,
         "numpy": numpy.__version__,
         "device": device_name(device),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "cuda": torch.version.cuda,
+        "packages": packages(),
         "hostname": platform.node(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

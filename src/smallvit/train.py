@@ -137,6 +137,11 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         x_train, y_train = x_train[: cfg.data.subset], y_train[: cfg.data.subset]
     if cfg.data.test_subset:
         x_test, y_test = x_test[: cfg.data.test_subset], y_test[: cfg.data.test_subset]
+    split, x_eval, y_eval = "test", x_test, y_test  # what the evaluations during training measure
+    if cfg.data.val_images:  # held out of training; the test set is then evaluated once, at the end
+        keep, held = (i.to(device) for i in D.val_split(y_train, cfg.data.val_images, cfg.data.val_seed))
+        split, x_eval, y_eval = "val", x_train[held], y_train[held]
+        x_train, y_train = x_train[keep], y_train[keep]
     mean = torch.tensor(info.mean, device=device)
     std = torch.tensor(info.std, device=device)
     n = len(x_train)
@@ -314,13 +319,19 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                     _sync(device)
                     timed += time.perf_counter() - timer_start
                 if step in eval_steps:  # rank 0 evaluates; the others wait for its numbers
-                    acc, test_loss = dist_.on_rank0(
-                        lambda: evaluate(model, x_test, y_test, mean, std, autocast=autocast), world)
+                    acc, eval_loss = dist_.on_rank0(
+                        lambda: evaluate(model, x_eval, y_eval, mean, std, autocast=autocast), world)
                     best_acc = max(best_acc, acc)
-                    history.append({"step": step, "epoch": step / spe, "test_acc": acc, "train_seconds": timed})
-                    records.log(step, test_acc=acc, test_loss=test_loss, epoch=step / spe, train_seconds=timed)
+                    scores = {f"{split}_acc": acc, f"{split}_loss": eval_loss}
+                    if split == "val" and step == last_step:  # the only look at the test set
+                        scores["test_acc"], scores["test_loss"] = dist_.on_rank0(
+                            lambda: evaluate(model, x_test, y_test, mean, std, autocast=autocast), world)
+                    history.append({"step": step, "epoch": step / spe, **scores, "train_seconds": timed})
+                    records.log(step, **scores, epoch=step / spe, train_seconds=timed)
                     if bar is not None:
-                        bar.write(f"step {step} epoch {step / spe:.2f}: test acc {acc:.2f}%  loss {test_loss:.4f}")
+                        bar.write(f"step {step} epoch {step / spe:.2f}: "
+                                  + "  ".join(f"{k.replace('_', ' ')} {v:.4f}" if k.endswith("loss") else
+                                              f"{k.replace('_', ' ')} {v:.2f}%" for k, v in scores.items()))
                 dist_.on_rank0(checkpoint, world)
                 last_saved = step
                 if timer_start is not None:
@@ -336,11 +347,13 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         records.close()
 
     interrupted = stopping and step < last_step  # a signal during the last step still ends a complete run
-    final_acc = history[-1]["test_acc"] if history else float("nan")
+    final = history[-1] if history else {}
     result = {
         "status": "interrupted" if interrupted else ("done" if step >= total_steps else "stopped_at_max_steps"),
-        "final_test_acc": final_acc,
-        "best_test_acc": best_acc,
+        "final_test_acc": final.get("test_acc", float("nan")),
+        # with a validation split, the test set is seen once: its best over evaluations does not exist
+        "best_test_acc": best_acc if split == "test" else None,
+        "eval_split": split,
         "step": step,
         "total_steps": total_steps,
         "epochs_done": step / spe,
@@ -356,6 +369,9 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         "run_dir": str(out),
         "overrides": diff(cfg),
     }
+    if split == "val":
+        result.update(final_val_acc=final.get("val_acc", float("nan")), best_val_acc=best_acc,
+                      val_images=cfg.data.val_images)
     if not interrupted:
         dist_.on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
     return result
