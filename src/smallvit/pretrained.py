@@ -122,6 +122,8 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], str
     report = {"source": source, "format": kind, "loaded": [], "reshaped": [], "reinitialised": [], "missing": [],
               "unexpected": sorted(set(state) - set(own)), "mismatched": [], "kept_fixed": []}
     load = {}
+    # The head is loaded whole or not at all: a file for another class count (or without a head) gives a new one.
+    head_fits = all(k in state and state[k].shape == v.shape for k, v in own.items() if k.startswith("head."))
     for k, target in own.items():
         if k in fixed:
             report["kept_fixed"].append(k)
@@ -130,16 +132,18 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], str
             (report["reinitialised"] if k.startswith("head.") else report["missing"]).append(k)
             continue
         v = state[k]
-        if v.shape == target.shape:
+        if k.startswith("head.") and not head_fits and v.shape[1:] == target.shape[1:]:
+            report["reinitialised"].append(k)
+        elif v.shape == target.shape and (head_fits or not k.startswith("head.")):
             load[k] = v
         elif k == "pos_embed" and (resized := _resize_pos_embed(v, target, getattr(model, "num_cls", 1))) is not None:
             load[k] = resized
             report["reshaped"].append({"key": k, "from": list(v.shape), "to": list(target.shape)})
-        elif k.startswith("head.") and v.shape[1:] == target.shape[1:]:  # another class count: a new head
-            report["reinitialised"].append(k)
         else:
             report["mismatched"].append({"key": k, "file": list(v.shape), "model": list(target.shape)})
     report["loaded"] = sorted(load)
+    for key in ("reinitialised", "missing", "kept_fixed"):
+        report[key].sort()
     problems = [f"shape mismatch {m['key']} {tuple(m['file'])} vs model {tuple(m['model'])}"
                 for m in report["mismatched"][:5]]
     if report["missing"]:
