@@ -24,19 +24,13 @@ TINY = {"train.max_steps": 3, "aug.autoaugment": "none", "aug.erase_p": 0.0}
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    sums = write_fake_cifar10(root, n_train=320, n_test=64)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(D.CHECKSUMS, "cifar10", sums)
-        yield root
-
-
-@pytest.fixture(scope="module")
-def run(cifar, tmp_path_factory):
+def run(tmp_path_factory):
     """One tiny trained baseline-shaped run (one CLS token, full-rank q/k/v: what timm can express)."""
-    out = tmp_path_factory.mktemp("runs") / "base"
-    smallvit.train(smoke_config(cifar, **TINY), out)
+    data = tmp_path_factory.mktemp("data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(D.CHECKSUMS, "cifar10", write_fake_cifar10(data, n_train=320, n_test=64))
+        out = tmp_path_factory.mktemp("runs") / "base"
+        smallvit.train(smoke_config(data, **TINY), out)
     return out
 
 
@@ -103,11 +97,11 @@ def wandb_offline(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
 
 
-def test_wandb_offline_gets_every_record_and_resume_continues_the_run(cifar, tmp_path, wandb_offline):
+def test_wandb_offline_gets_every_record_and_resume_continues_the_run(fake_cifar, tmp_path, wandb_offline):
     out = tmp_path / "run"
     keys = {"train.wandb_project": "smallvit-test", "train.wandb_tags": "ci,smoke", "aug.autoaugment": "none"}
-    smallvit.train(smoke_config(cifar, **keys, **{"train.max_steps": 5}), out)  # 5 steps per epoch: eval at 5
-    smallvit.train(smoke_config(cifar, **keys), out, resume=True)  # to the end (step 10)
+    smallvit.train(smoke_config(fake_cifar, **keys, **{"train.max_steps": 9}), out)  # 9 steps per epoch: eval at 9
+    smallvit.train(smoke_config(fake_cifar, **keys), out, resume=True)  # to the end (step 18)
     run_id = json.loads((out / "wandb.json").read_text())["id"]
     ids, history, runs = _wandb_history(out)
     assert ids == [run_id, run_id]  # the resumed process wrote into the same W&B run
@@ -128,10 +122,10 @@ def test_wandb_names_evaluations_for_what_they_are():
         "val/acc", "val/loss", "test/acc", "loss", "img_per_s", "train_seconds"]
 
 
-def test_wandb_missing_is_a_clear_error_before_anything_is_written(cifar, tmp_path, monkeypatch):
+def test_wandb_missing_is_a_clear_error_before_anything_is_written(fake_cifar, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: find_spec answers None
     with pytest.raises(ConfigError, match=r"pip install smallvit\[wandb\]"):
-        smallvit.train(smoke_config(cifar, **{"train.wandb_project": "p"}), tmp_path / "run")
+        smallvit.train(smoke_config(fake_cifar, **{"train.wandb_project": "p"}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -229,12 +223,12 @@ def test_dino_checkpoint_takes_the_teacher_backbone(tmp_path):
             torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
 
 
-def test_bad_init_file_is_a_clear_error_and_nothing_is_written(cifar, tmp_path, capsys):
+def test_bad_init_file_is_a_clear_error_and_nothing_is_written(fake_cifar, tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     out = tmp_path / "run"
-    args = ["train", "--preset", "smoke", "--out", str(out), "--set", f"data.data_dir={cifar}", "data.download=false",
-            "data.subset=0", "data.test_subset=0", "train.threads=1", f"train.init_from={bad}"]
+    args = ["train", "--preset", "smoke", "--out", str(out), "--set", f"data.data_dir={fake_cifar}",
+            "data.download=false", "data.subset=0", "data.test_subset=0", "train.threads=1", f"train.init_from={bad}"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot be read as weights" in err and "Traceback" not in err

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .config import Config, ConfigError, to_dict
-from .runs import atomic_write_json
+from .runs import TrainingError, atomic_write_json
 
 ID_FILE = "wandb.json"
 _EVAL = re.compile(r"^([a-z0-9]+)_(acc|loss)$")
@@ -46,11 +46,15 @@ class WandbSink:
         id_file = out_dir / ID_FILE
         run_id = json.loads(id_file.read_text())["id"] if id_file.is_file() else None  # None: W&B makes one
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=t.wandb_project, entity=t.wandb_entity or None, name=t.wandb_name or str(out_dir),
-            tags=[s.strip() for s in t.wandb_tags.split(",") if s.strip()] or None, config=to_dict(cfg),
-            dir=str(out_dir), id=run_id, resume="allow" if run_id else None, job_type="train",
-        )
+        try:
+            self.run = wandb.init(
+                project=t.wandb_project, entity=t.wandb_entity or None, name=t.wandb_name or str(out_dir),
+                tags=[s.strip() for s in t.wandb_tags.split(",") if s.strip()] or None, config=to_dict(cfg),
+                dir=str(out_dir), id=run_id, resume="allow" if run_id else None, job_type="train",
+            )
+        except Exception as e:  # noqa: BLE001  (login, network, permissions: one line instead of a traceback)
+            raise TrainingError(f"W&B could not start a run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                f"check `wandb login` and the network, or set WANDB_MODE=offline") from None
         if run_id is None:
             atomic_write_json(id_file, {"id": self.run.id, "project": t.wandb_project,
                                         "entity": t.wandb_entity or None})
