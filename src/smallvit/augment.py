@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from . import cpu_kernels
 from .config import AugConfig
@@ -197,6 +198,7 @@ class BatchAugment:
     def _seed(self, key: int) -> int:
         return (self.seed * 1_000_003 + key) * 2 + 1
 
+    @record_function("augment")  # a named range for `smallvit profile`
     def images(self, x: torch.Tensor, key: int) -> torch.Tensor:
         """Per-sample augmentation of uint8 images (B, C, H, W) -> normalised float32; a pure function of key."""
         cfg = self.cfg
@@ -210,6 +212,7 @@ class BatchAugment:
                                inplace=True)
         return x
 
+    @record_function("augment")
     def targets(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Smoothed soft targets and the batch-level Mixup/CutMix of one step's batch; a pure function of step."""
         s = self._seed(step)

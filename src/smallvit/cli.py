@@ -1,4 +1,4 @@
-"""The `smallvit` command: train, eval, info, ablations, ablate, report, predict, export, inspect."""
+"""The `smallvit` command: train, eval, info, ablations, ablate, report, predict, export, profile, inspect."""
 
 from __future__ import annotations
 
@@ -145,6 +145,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profile import profile
+    from .train import default_run_dir
+
+    cfg = _build(args)
+    out = Path(args.out) if args.out else default_run_dir(cfg, "runs/profile").parent
+    r = profile(cfg, out, wait=args.wait, warmup=args.warmup, active=args.active, with_stack=args.with_stack)
+    print(r["markdown"])
+    print(f"wrote {out / 'profile.md'}, {out / 'profile.json'} and {r['trace']}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect_attn import inspect_run
 
@@ -217,15 +229,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from .export import FORMATS, OPSET
 
-    p = sub.add_parser("export", help="write the model as ONNX, TorchScript or a torch.export program")
+    p = sub.add_parser("export", help="write the model as ONNX, TorchScript, a torch.export program, a timm model "
+                       "folder or safetensors weights")
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--format", default="onnx", choices=list(FORMATS))
-    p.add_argument("--out", default=None, help="output file (default: model.onnx, model.torchscript.pt or "
-                   "model.pt2 in the run folder)")
+    p.add_argument("--out", default=None, help="output file, or folder for timm (default in the run folder: "
+                   + ", ".join(FORMATS.values()) + ")")
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
     p.add_argument("--onnx-exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="auto: dynamo when onnxscript is installed")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("profile", help="torch.profiler over a few training steps: trace + where a step's time goes")
+    _config_args(p)
+    p.add_argument("--out", default=None, help="output folder (default: runs/profile/<diff-from-baseline>)")
+    p.add_argument("--wait", type=int, default=1, help="steps before the profiler warms up (after 1 skipped step)")
+    p.add_argument("--warmup", type=int, default=1, help="profiled but discarded steps")
+    p.add_argument("--active", type=int, default=0, help="recorded steps (0: whole augmentation chunks, >= 3)")
+    p.add_argument("--with-stack", action="store_true", help="record Python stacks in the trace (slower)")
+    p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("inspect", help="attention maps and rollout of the CLS token(s) on test images, as PNGs")
     p.add_argument("run", help="run folder or checkpoint file")
@@ -241,12 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             argv[i : i + 2] = [f"--ablation={argv[i + 1]}", ""]
     args = parser.parse_args([a for a in argv if a != ""])
     from .data import DataError
+    from .profile import ProfileError
     from .runs import CheckpointError
     from .runs import TrainingError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, ProfileError, FileNotFoundError) as e:
         print(f"smallvit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once; atomic writes leave the last checkpoint whole

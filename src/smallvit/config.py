@@ -117,6 +117,14 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: str = "stop"  # stop | skip
     checkpoint_every_steps: int = 0  # >0: also checkpoint every N steps, so a SIGKILL loses at most N steps
+    # Start from pretrained weights (pretrained.py): a run folder or checkpoint, a timm ViT state dict, a DINO file.
+    init_from: str = ""
+    init_strict: bool = True  # false: load what fits, keep the initialisation of other mismatching tensors
+    # Weights & Biases (wandb_log.py, `pip install smallvit[wandb]`): on when wandb_project is set.
+    wandb_project: str = ""
+    wandb_entity: str = ""
+    wandb_name: str = ""  # empty: the run folder's path
+    wandb_tags: str = ""  # comma-separated
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,14 @@ from .runs import load_checkpoint, load_model_state
 
 
 def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[ViT, Config]:
-    """A ready model (eval mode) and its config, from a run folder or a checkpoint file."""
-    state = load_checkpoint(Path(run_or_checkpoint))
+    """A ready model (eval mode) and its config, from a run folder, a checkpoint or an exported .safetensors file."""
+    if Path(run_or_checkpoint).suffix == ".safetensors":
+        from .export import read_safetensors
+
+        weights, config, dataset = read_safetensors(Path(run_or_checkpoint))
+        state = {"model": weights, "config": config, "dataset": dataset}
+    else:
+        state = load_checkpoint(Path(run_or_checkpoint))
     cfg = from_dict(state["config"])
     model = build_model(cfg.model)
     load_model_state(model, state["model"], str(run_or_checkpoint))

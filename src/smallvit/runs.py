@@ -198,11 +198,13 @@ def environment(device: torch.device) -> dict:
 
 
 class Records:
-    """metrics.jsonl plus TensorBoard scalars; a no-op on non-zero ranks."""
+    """metrics.jsonl plus TensorBoard scalars, and `sinks` (objects with log(step, values) and close(), e.g.
+    wandb_log.WandbSink) that receive every record too; a no-op on non-zero ranks."""
 
-    def __init__(self, out_dir: Path | None, enabled: bool = True):
+    def __init__(self, out_dir: Path | None, enabled: bool = True, sinks: tuple = ()):
         self.enabled = enabled and out_dir is not None
         self.tb = None
+        self.sinks = list(sinks) if self.enabled else []
         if self.enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115  (open for the whole run)
@@ -222,12 +224,16 @@ class Records:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.log(step, values)
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+            for sink in self.sinks:
+                sink.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
