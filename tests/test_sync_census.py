@@ -3,7 +3,6 @@ chunk or a training step (sync_census.py), and the op counts of the two Muon ste
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
