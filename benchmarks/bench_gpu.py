@@ -101,28 +101,32 @@ def count_syncs(step, first: int, n: int, dev: torch.device) -> float | None:
 def cudagraph_skips():
     """Count Inductor's decisions not to use CUDA graphs (its cudagraph_skips counter) and keep their reasons.
 
-    Yields a dict filled on exit: {"skips": int, "reasons": [str]}. The reasons come from wrapping the function
-    that bumps the counter in the modules that imported it (best effort: the count is the counter itself).
+    Yields a dict filled on exit: {"skips": int, "reasons": [str]}. Every skip goes through
+    torch._inductor.cudagraph_utils.log_cudagraph_skip_and_bump_counter, which logs the reason on that module's
+    `cudagraphs` logger (silent unless TORCH_LOGS=cudagraphs) and bumps the counter; the reasons are read from the
+    logger call, best effort (the count is the counter itself).
     """
     from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_utils
 
     out = {"skips": 0, "reasons": []}
     before = counters["inductor"]["cudagraph_skips"]
-    patched = []
-    for mod in list(sys.modules.values()):
-        fn = getattr(mod, "log_cudagraph_skip_and_bump_counter", None)
-        if getattr(mod, "__name__", "").startswith("torch.") and callable(fn):
-            def wrapped(msg, *args, _fn=fn, **kwargs):
-                out["reasons"].append(str(msg).splitlines()[0][:120])
-                return _fn(msg, *args, **kwargs)
+    log = cudagraph_utils.cudagraphs_log
+    had = "warning" in vars(log)
+    original = log.warning
 
-            patched.append((mod, fn))
-            mod.log_cudagraph_skip_and_bump_counter = wrapped
+    def warning(msg, *args, **kwargs):
+        out["reasons"].append(str(msg).splitlines()[0][:120])
+        return original(msg, *args, **kwargs)
+
+    log.warning = warning
     try:
         yield out
     finally:
-        for mod, fn in patched:
-            mod.log_cudagraph_skip_and_bump_counter = fn
+        if had:
+            log.warning = original
+        else:
+            del log.warning
         out["skips"] = counters["inductor"]["cudagraph_skips"] - before
 
 
@@ -207,7 +211,9 @@ def bench_smallvit(cfg, x_cpu, y_cpu, dev, B, precision, compile_, warmup, steps
     r["syncs"] = count_syncs(step, first, K, dev)
     r["sync_steps"] = K
     if compile_ and compile_mode in ("reduce-overhead", "max-autotune"):
-        r["cudagraph_skips"], r["cudagraph_reasons"] = skipped["skips"], skipped["reasons"]
+        # Inductor bumps the counter without a logged reason for graphs with no GPU device.
+        r["cudagraph_skips"] = skipped["skips"]
+        r["cudagraph_reasons"] = skipped["reasons"] or (["no CUDA device"] if dev.type != "cuda" else [])
     r["loss_ok"] = bool(torch.isfinite(loss_sum))
     r["mem"] = _peak_mem(dev)
     r["fwd_flops"] = flops_per_image(model)

@@ -43,9 +43,12 @@ def test_cudagraph_skips_are_counted():
     """Inductor's counter, read around a block: a reduce-overhead row on CPU is marked as not using CUDA graphs."""
     from torch._dynamo.utils import counters
 
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
     with bench_gpu.cudagraph_skips() as s:
-        counters["inductor"]["cudagraph_skips"] += 2
-    assert s["skips"] == 2
+        counters["inductor"]["cudagraph_skips"] += 1
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to cpu device (arg0_1)\nmore")
+    assert s == {"skips": 2, "reasons": ["skipping cudagraphs due to cpu device (arg0_1)"]}
     row = {"stack": "smallvit", "cudagraph_skips": 2, "cudagraph_reasons": ["skipping cudagraphs due to cpu device"]}
     assert "CUDA graphs skipped 2x (skipping cudagraphs due to cpu device)" in bench_gpu._notes(row)
     assert bench_gpu._notes({"cudagraph_skips": 0}) == "CUDA graphs used"

@@ -28,7 +28,6 @@ SYNCING = {
     "nonzero": "output size depends on the data",
     "argwhere": "nonzero",
     "masked_select": "output size depends on the data (nonzero)",
-    "masked_scatter": "counts the mask on the host",
     "unique": "output size depends on the data",
     "_unique": "output size depends on the data",
     "_unique2": "output size depends on the data",
@@ -39,7 +38,7 @@ SYNCING = {
     "is_nonzero": "returns a Python bool",
     "allclose": "returns a Python bool",
     "nanmedian": "reads a count back",
-    "multinomial": "checks the probabilities on the host",
+    "multinomial": "checks its input on the host (pytorch/pytorch#108968)",
     "tensor_split": "tensor indices are read on the host",
     "_linalg_check_errors": "reads the LAPACK info codes back",
 }
