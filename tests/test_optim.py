@@ -85,3 +85,10 @@ def test_muon_fallback_is_the_configured_one(fallback):
     ref.step()
     same = all(torch.allclose(p, q, rtol=0, atol=1e-7) for p, q in zip(rest["params"], ref_params))
     assert same == (fallback == "adamw")
+
+
+def test_muon_fallback_is_validated():
+    from smallvit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.muon_fallback must be adamw or nadamw"):
+        make_config("baseline", {"optim.muon_fallback": "sgd"})
