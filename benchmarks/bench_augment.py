@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timing import images_per_second
 from PIL import Image
 from torchvision import transforms as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checkout's smallvit, installed or not
+from timing import images_per_second
 
 from smallvit import augment, cpu_kernels, data
 from smallvit.config import AugConfig

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timing import sync
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checkout's smallvit, installed or not
+from timing import sync
 
 from smallvit.augment import BatchAugment
 from smallvit.config import COMPILE_MODES, make_config, parse_overrides
@@ -46,6 +48,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "data"
 # these). The first name fragment that matches the device name wins, so the more specific names come first.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
                     ("H200", 989.0))
+# Steps over which the standard stack's host syncs are counted (smallvit's: one whole augmentation chunk).
+SYNC_STEPS = 8
 # --quick: the quick preset's model, applied to both stacks, so the CPU run finishes in about a minute.
 QUICK_MODEL = {"model.embed_dim": 96, "model.depth": 4, "model.num_heads": 4}
 
@@ -74,8 +78,10 @@ def timed(step, warmup: int, steps: int, dev: torch.device) -> dict:
     return {"first_s": t1 - t0, "warmup_s": t2 - t1, "steady_s": t3 - t2, "steps": steps}
 
 
-def count_syncs(step, i: int, dev: torch.device) -> int | None:
-    """Host-device synchronisations in one step (CUDA's sync-debug mode); None off CUDA."""
+def count_syncs(step, first: int, n: int, dev: torch.device) -> float | None:
+    """Host-device synchronisations per step over steps first .. first + n - 1 (CUDA's sync-debug mode); None off
+    CUDA. For smallvit, `first` is a chunk boundary and n the chunk's steps, so the augmentation call is counted
+    once per chunk, as in training."""
     if dev.type != "cuda":
         return None
     sync(dev)
@@ -83,11 +89,45 @@ def count_syncs(step, i: int, dev: torch.device) -> int | None:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step(i)
+            for i in range(first, first + n):
+                step(i)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sync(dev)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum("synchroniz" in str(w.message) for w in caught) / n
+
+
+@contextlib.contextmanager
+def cudagraph_skips():
+    """Count Inductor's decisions not to use CUDA graphs (its cudagraph_skips counter) and keep their reasons.
+
+    Yields a dict filled on exit: {"skips": int, "reasons": [str]}. Every skip goes through
+    torch._inductor.cudagraph_utils.log_cudagraph_skip_and_bump_counter, which logs the reason on that module's
+    `cudagraphs` logger (silent unless TORCH_LOGS=cudagraphs) and bumps the counter; the reasons are read from the
+    logger call, best effort (the count is the counter itself).
+    """
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_utils
+
+    out = {"skips": 0, "reasons": []}
+    before = counters["inductor"]["cudagraph_skips"]
+    log = cudagraph_utils.cudagraphs_log
+    had = "warning" in vars(log)
+    original = log.warning
+
+    def warning(msg, *args, **kwargs):
+        out["reasons"].append(str(msg).splitlines()[0][:120])
+        return original(msg, *args, **kwargs)
+
+    log.warning = warning
+    try:
+        yield out
+    finally:
+        if had:
+            log.warning = original
+        else:
+            del log.warning
+        out["skips"] = counters["inductor"]["cudagraph_skips"] - before
 
 
 def _fwd_flops(model: torch.nn.Module, img_size: int, dev: torch.device) -> int:
@@ -165,8 +205,15 @@ def bench_smallvit(cfg, x_cpu, y_cpu, dev, B, precision, compile_, warmup, steps
         opt.step()
         loss_sum.add_(loss.detach())  # metrics stay on the device: no host sync in the step
 
-    r = timed(step, warmup, steps, dev)
-    r["syncs"] = count_syncs(step, warmup + steps, dev)
+    with cudagraph_skips() as skipped:
+        r = timed(step, warmup, steps, dev)
+    first = -(-(warmup + steps) // K) * K  # the next chunk boundary: count over one whole chunk
+    r["syncs"] = count_syncs(step, first, K, dev)
+    r["sync_steps"] = K
+    if compile_ and compile_mode in ("reduce-overhead", "max-autotune"):
+        # Inductor bumps the counter without a logged reason for graphs with no GPU device.
+        r["cudagraph_skips"] = skipped["skips"]
+        r["cudagraph_reasons"] = skipped["reasons"] or (["no CUDA device"] if dev.type != "cuda" else [])
     r["loss_ok"] = bool(torch.isfinite(loss_sum))
     r["mem"] = _peak_mem(dev)
     r["fwd_flops"] = flops_per_image(model)
@@ -260,7 +307,8 @@ def bench_standard(cfg, loader, dev, precision, warmup, steps) -> dict:
         loss_sum.add_(loss.detach())
 
     r = timed(step, warmup, steps, dev)
-    r["syncs"] = count_syncs(step, warmup + steps, dev)
+    r["syncs"] = count_syncs(step, warmup + steps, SYNC_STEPS, dev)
+    r["sync_steps"] = SYNC_STEPS
     r["loss_ok"] = bool(torch.isfinite(loss_sum))
     r["mem"] = _peak_mem(dev)
     r["fwd_flops"] = _fwd_flops(model, cfg.model.img_size, dev)
@@ -287,20 +335,86 @@ def _fmt(v, spec: str, none: str = "n/a") -> str:
     return none if v is None else format(v, spec)
 
 
+def _notes(r: dict) -> str:
+    notes = []
+    if r.get("error"):
+        notes.append(f"FAILED: {r['error']}")
+    if r.get("cudagraph_skips") is not None:
+        why = "; ".join(dict.fromkeys(r.get("cudagraph_reasons") or []))
+        notes.append("CUDA graphs used" if r["cudagraph_skips"] == 0 else
+                     f"CUDA graphs skipped {r['cudagraph_skips']}x" + (f" ({why})" if why else "")
+                     + ": not a CUDA-graphs measurement")
+    if r.get("loss_ok") is False:
+        notes.append("non-finite loss")
+    return "; ".join(notes).replace("|", "/")
+
+
 def table(rows: list[dict], peak: float | None) -> str:
-    base = next((r["img_s"] for r in rows if r["stack"] == "standard" and r["precision"] == "fp32"), None)
+    ok = [r for r in rows if not r.get("error")]
+    base = next((r["img_s"] for r in ok if r["stack"] == "standard" and r["precision"] == "fp32"), None)
     out = ["| stack | precision | compile | workers | first step s | warm-up s | steady img/s | ms/step | TFLOP/s "
-           "| % of peak | × standard fp32 | host syncs/step | peak mem GiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| % of peak | × standard fp32 | host syncs/step | peak mem GiB | notes |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['stack']} | {r['precision']} | {r['compile']} | {r['workers']} | "
+        if r.get("error"):
+            out.append(head + "- | " * 9 + f"{_notes(r)} |")
+            continue
         tf = r["fwd_flops"] * 3 * r["img_s"] / 1e12 if r.get("fwd_flops") else None
         pct = 100 * tf / peak if tf is not None and peak else None
         speed = r["img_s"] / base if base and r["stack"] != "loader" else None
-        out.append(f"| {r['stack']} | {r['precision']} | {r['compile']} | {r['workers']} | {r['first_s']:.2f} | "
-                   f"{r['warmup_s']:.2f} | {r['img_s']:,.0f} | {1000 * r['steady_s'] / r['steps']:.1f} | "
-                   f"{_fmt(tf, '.3g')} | {_fmt(pct, '.1f')} | {_fmt(speed, '.2f')} | {_fmt(r.get('syncs'), 'd')} | "
-                   f"{_fmt(r.get('mem'), '.2f')} |")
+        out.append(head + f"{r['first_s']:.2f} | {r['warmup_s']:.2f} | {r['img_s']:,.0f} | "
+                   f"{1000 * r['steady_s'] / r['steps']:.1f} | {_fmt(tf, '.3g')} | {_fmt(pct, '.1f')} | "
+                   f"{_fmt(speed, '.2f')} | {_fmt(r.get('syncs'), '.3g')} | {_fmt(r.get('mem'), '.2f')} | "
+                   f"{_notes(r)} |")
     return "\n".join(out)
+
+
+def _error_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _recover(dev: torch.device) -> None:
+    """After a failed row: drop compiled graphs and cached memory, so the next row starts clean."""
+    torch._dynamo.reset()
+    if dev.type == "cuda":
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+
+
+def measure_rows(jobs, render, out: str | None) -> list[dict]:
+    """Run each (row fields, function) in turn; a row that raises is kept with its error and the next one runs.
+
+    After every row the whole report (render(rows)) is printed to --out (written atomically), so a crash, a
+    timeout or an out-of-memory later in the run loses no finished row.
+    """
+    rows = []
+    for meta, fn in jobs:
+        label = " ".join(str(meta[k]) for k in ("stack", "precision", "compile"))
+        try:
+            r = fn()
+            print(f"{label}: {r['steps'] * r['batch'] / r['steady_s']:,.0f} img/s", flush=True)
+        except Exception as e:  # noqa: BLE001  (a CUDA-graphs error, a Triton build, OOM: record it, keep going)
+            r = {"error": _error_line(e)}
+            print(f"{label}: FAILED ({r['error']})", file=sys.stderr, flush=True)
+            _recover(meta.get("device", torch.device("cpu")))
+        row = {**{k: v for k, v in meta.items() if k != "device"}, **r}
+        if not row.get("error"):
+            row["img_s"] = row["batch"] * row["steps"] / row["steady_s"]
+        rows.append(row)
+        if out:
+            write_atomic(out, render(rows))
+    return rows
+
+
+def write_atomic(path: str, text: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, p)
 
 
 def run_throughput(a, overrides: dict, dev: torch.device) -> str:
@@ -308,42 +422,50 @@ def run_throughput(a, overrides: dict, dev: torch.device) -> str:
     B = a.batch or cfg.train.batch_size
     if B % 2:
         raise SystemExit("--batch must be even (timm's Mixup pairs the batch with its reverse)")
-    chunk = chunk_steps(cfg.aug.chunk_images, B, dev) * B  # images per augmentation call, as train.py
+    K = chunk_steps(cfg.aug.chunk_images, B, dev)
+    chunk = K * B  # images per augmentation call, as train.py
     x, y, source = training_data(a.data_dir, max(4 * B, 2048, chunk + B))
     if len(x) < B:
         raise SystemExit(f"--batch {B} is larger than the {len(x)} training images")
     if len(x) < chunk:
         raise SystemExit(f"aug.chunk_images is larger than the {len(x)} training images; --set aug.chunk_images=N")
     precision = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
-    rows = []
+    drain = a.warmup + 2 * a.workers  # the workers' prefetched batches are consumed in the warm-up
+    jobs = []
     if "smallvit" in a.stacks:
         for mode in ["no"] + (a.compile_modes if a.compile else []):
-            r = bench_smallvit(cfg, x, y, dev, B, precision, mode != "no", a.warmup, a.steps, mode)
-            rows.append({"stack": "smallvit", "precision": precision, "compile": mode, "workers": "-", **r})
-            print(f"smallvit compile={mode}: {B * r['steps'] / r['steady_s']:.0f} img/s", flush=True)
-    if {"loader", "standard"} & set(a.stacks):
-        loader = standard_loader(x, y, B, a.workers, cfg.model.img_size, pin=dev.type == "cuda")
-        # The workers fill prefetch_factor batches each while the first steps run; draining that buffer in the
-        # warm-up keeps it out of the steady-state rate.
-        drain = a.warmup + 2 * a.workers
-        if "loader" in a.stacks:
-            r = bench_loader(loader, dev, drain, a.steps)
-            rows.append({"stack": "loader", "precision": "-", "compile": "-", "workers": a.workers, **r})
-            print(f"loader only: {B * r['steps'] / r['steady_s']:.0f} img/s", flush=True)
-        if "standard" in a.stacks:
-            for prec in a.standard_precision:
-                r = bench_standard(cfg, loader, dev, prec, drain, a.steps)
-                rows.append({"stack": "standard", "precision": prec, "compile": "no", "workers": a.workers, **r})
-                print(f"standard {prec}: {B * r['steps'] / r['steady_s']:.0f} img/s", flush=True)
-        del loader
+            jobs.append(({"stack": "smallvit", "precision": precision, "compile": mode, "workers": "-", "device": dev},
+                         lambda mode=mode: {"batch": B, **bench_smallvit(cfg, x, y, dev, B, precision, mode != "no",
+                                                                         a.warmup, a.steps, mode)}))
+    loader = {}
+
+    def with_loader(fn):  # one DataLoader for the loader and standard rows, built by the first that needs it
+        if "it" not in loader:
+            loader["it"] = standard_loader(x, y, B, a.workers, cfg.model.img_size, pin=dev.type == "cuda")
+        return {"batch": B, **fn(loader["it"])}
+
+    if "loader" in a.stacks:
+        jobs.append(({"stack": "loader", "precision": "-", "compile": "-", "workers": a.workers, "device": dev},
+                     lambda: with_loader(lambda it: bench_loader(it, dev, drain, a.steps))))
+    if "standard" in a.stacks:
+        for prec in a.standard_precision:
+            jobs.append(({"stack": "standard", "precision": prec, "compile": "no", "workers": a.workers,
+                          "device": dev},
+                         lambda prec=prec: with_loader(lambda it: bench_standard(cfg, it, dev, prec, drain, a.steps))))
+    peak, peak_src = peak_tflops(dev, a.peak_tflops)
+    rows = measure_rows(jobs, lambda rows: report(a, cfg, B, K, source, dev, peak, peak_src, rows), a.out)
+    loader.clear()
     for r in rows:
-        r["img_s"] = B * r["steps"] / r["steady_s"]
         if r.get("loss_ok") is False:
             print(f"warning: non-finite loss in {r['stack']} {r['precision']}", file=sys.stderr)
-    peak, peak_src = peak_tflops(dev, a.peak_tflops)
+    return report(a, cfg, B, K, source, dev, peak, peak_src, rows)
+
+
+def report(a, cfg, B: int, K: int, source: str, dev, peak, peak_src: str, rows: list[dict]) -> str:
     m = cfg.model
-    sv = next((r for r in rows if r["stack"] == "smallvit"), None)
-    st = next((r for r in rows if r["stack"] == "standard"), None)
+    sv = next((r for r in rows if r["stack"] == "smallvit" and not r.get("error")), None)
+    st = next((r for r in rows if r["stack"] == "standard" and not r.get("error")), None)
+    failed = sum(bool(r.get("error")) for r in rows)
     lines = [
         f"Training-step throughput on {device_name(dev)}; torch {torch.__version__}, "
         f"timm {_version('timm')}, torchvision {_version('torchvision')}.",
@@ -356,8 +478,11 @@ def run_throughput(a, overrides: dict, dev: torch.device) -> str:
         f"- batch {B}; {a.warmup} warm-up steps (standard/loader: {a.warmup + 2 * a.workers}, to drain the "
         f"prefetch buffer), {a.steps} measured steps; data: {source}",
         f"- peak: {_fmt(peak, '.0f')} TFLOP/s ({peak_src}); TFLOP/s = 3 x forward FLOPs x img/s",
-        "- first step: includes torch.compile, lazy initialisation and (standard) worker start-up; "
-        "host syncs/step: CUDA sync-debug warnings in one step (n/a off CUDA)",
+        f"- first step: includes torch.compile, lazy initialisation and (standard) worker start-up; "
+        f"host syncs/step: CUDA sync-debug warnings per step over one whole augmentation chunk ({K} steps of "
+        f"smallvit) or {SYNC_STEPS} steps (standard), n/a off CUDA; notes: Inductor's cudagraph-skip counter for "
+        f"the compile modes that use CUDA graphs",
+        f"- rows: {len(rows)} written as each finished" + (f", {failed} failed (error in notes)" if failed else ""),
         "",
         table(rows, peak),
     ]
@@ -476,8 +601,7 @@ def main(argv=None) -> None:
         text = run_throughput(a, overrides, torch.device(a.device))
     print(text)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+        write_atomic(a.out, text)
 
 
 if __name__ == "__main__":

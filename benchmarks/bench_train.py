@@ -13,10 +13,13 @@ Timing is honest: warm-up steps are excluded and the device is synchronised befo
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checkout's smallvit, installed or not
 from timing import images_per_second
 
 from smallvit.augment import BatchAugment

@@ -4,9 +4,10 @@
 #
 #   bash benchmarks/gpu_check.sh DATA_DIR OUT_DIR [step|recipe|all]
 #
-# step (about 5 minutes on an H100): augmentation throughput and its share of the step, then step throughput of
-# smallvit (eager, compiled, CUDA graphs) against the standard stack. recipe: the full baseline recipe with time to
-# 90 / 93 / 93.5 % (stopped cleanly after RECIPE_SECONDS, default 540; run it again to resume where it stopped).
+# step (about 5 minutes on an H100, an estimate; no dataset needed): step throughput of smallvit (eager, compiled,
+# CUDA graphs) against the standard stack, then augmentation throughput and its share of the step. recipe: the full
+# baseline recipe with time to 90 / 93 / 93.5 % (stopped cleanly after RECIPE_SECONDS, default 540; run it again to
+# resume where it stopped).
 #
 # SMOKE=1 runs every command at toy size on the CPU (a minute or two), to check the script itself without a GPU.
 set -uo pipefail
@@ -14,7 +15,7 @@ DATA="${1:?folder holding cifar-10-batches-py}"
 OUT="${2:?folder for the result tables}"
 WHAT="${3:-all}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # the scripts find src/ themselves too
 PY="${PYTHON:-python3}"  # on the lent machines, python3 is the interpreter that holds torch
 mkdir -p "$OUT"
 if [[ ${SMOKE:-0} == 1 ]]; then
@@ -30,12 +31,14 @@ fi
 'timm', timm.__version__)" | tee -a "$OUT/device.txt"
 status=0
 if [[ $WHAT == step || $WHAT == all ]]; then
-  "$PY" benchmarks/bench_augment.py --device "$DEV" --data-dir "$DATA" "${AUG[@]}" --out "$OUT/augment_gpu.md" \
-    || status=1
-  # On CUDA, 16 steps per augmentation call at batch 256 (aug.chunk_images auto = 4096): whole chunks only.
-  "$PY" benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --out "$OUT/train_gpu.md" || status=1
+  # The main table first; it writes each row as it finishes, so a command cut short keeps what it measured.
+  # No dataset needed: without CIFAR-10 in DATA the step benchmarks use random images (the same work per image).
   "$PY" benchmarks/bench_gpu.py --device "$DEV" --compile --compile-modes default reduce-overhead "${STEP[@]}" \
     --data-dir "$DATA" --out "$OUT/gpu_step.md" || status=1
+  # On CUDA, 16 steps per augmentation call at batch 256 (aug.chunk_images auto = 4096): whole chunks only.
+  "$PY" benchmarks/bench_train.py --device "$DEV" "${TRAIN[@]}" --out "$OUT/train_gpu.md" || status=1
+  "$PY" benchmarks/bench_augment.py --device "$DEV" --data-dir "$DATA" "${AUG[@]}" --out "$OUT/augment_gpu.md" \
+    || status=1
 fi
 if [[ $WHAT == recipe || $WHAT == all ]]; then
   RUN="${RUN_DIR:-/tmp/smallvit-full-recipe}"

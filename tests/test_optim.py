@@ -65,3 +65,30 @@ def test_optimizers_step_and_follow_schedule(name):
     for g in opt.param_groups:
         g["lr"] = g["peak_lr"] * f
     assert opt.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["peak_lr"] * f)
+
+
+@pytest.mark.parametrize("fallback", ["adamw", "nadamw"])
+def test_muon_fallback_is_the_configured_one(fallback):
+    """timm's Muon sends a group with nesterov=True to NAdamW: optim.muon_fallback says which the non-matrix
+    tensors get (adamw: torch's AdamW update, with timm Muon's betas and eps)."""
+    torch.manual_seed(0)
+    model = build_model(make_config("smoke").model)
+    opt = build_optimizer(model, OptimConfig(name="muon", muon_fallback=fallback), torch.device("cpu"))
+    muon, rest = opt.param_groups
+    assert muon["nesterov"] and rest["nesterov"] == (fallback == "nadamw") and rest["kind"] == fallback
+    ref_params = [p.detach().clone().requires_grad_() for p in rest["params"]]
+    ref = torch.optim.AdamW(ref_params, lr=rest["lr"], betas=rest["betas"], eps=rest["eps"],
+                            weight_decay=rest["weight_decay"])
+    for p, q in zip(rest["params"], ref_params):
+        p.grad = q.grad = torch.randn_like(p)
+    opt.step()
+    ref.step()
+    same = all(torch.allclose(p, q, rtol=0, atol=1e-7) for p, q in zip(rest["params"], ref_params))
+    assert same == (fallback == "adamw")
+
+
+def test_muon_fallback_is_validated():
+    from smallvit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.muon_fallback must be adamw or nadamw"):
+        make_config("baseline", {"optim.muon_fallback": "sgd"})

@@ -282,10 +282,8 @@ def _point_lut(x: torch.Tensor, op: str, value: torch.Tensor) -> torch.Tensor:
         # below 2^24 and the divisor at most 4 (32 x 32), so the floors are exact; integer division is far slower.
         if cpu_kernels.usable(x):
             hist = cpu_kernels.histograms(x).view(N * C, 256).float()
-        else:
-            bins = x.reshape(N * C, H * W).int().add_(torch.arange(0, N * C * 256, 256, device=x.device,
-                                                                      dtype=torch.int32).view(N * C, 1))
-            hist = torch.bincount(bins.view(-1), minlength=N * C * 256).view(N * C, 256).float()  # a row per channel
+        else:  # a row per channel, by scatter-add: torch.bincount would read the input's min and max back on CUDA
+            hist = _histograms(x)
         last = hist.gather(1, x.amax(dim=(2, 3)).view(N * C, 1).long())  # count of the largest value present
         step = (H * W - last).div_(255).floor_()
         # lut[k] = floor((sum of counts below k + step // 2) / step), lut[0] = 0; identity when step is 0 (one value
@@ -296,6 +294,16 @@ def _point_lut(x: torch.Tensor, op: str, value: torch.Tensor) -> torch.Tensor:
     else:
         raise ValueError(f"{op!r} is not a point op; point ops: {', '.join(POINT)}")
     return lut.expand(N, C, 256)
+
+
+def _histograms(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel counts of each value of a uint8 batch (N, C, H, W), as float32 (N * C, 256), with no host sync.
+
+    Counts are whole numbers below 2^24 (images up to 4096 x 4096 pixels), so float32 sums are exact in any order.
+    """
+    N, C, H, W = x.shape
+    ones = torch.ones((), device=x.device).expand(N * C, H * W)
+    return torch.zeros(N * C, 256, device=x.device).scatter_add_(1, x.reshape(N * C, H * W).long(), ones)
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -451,6 +459,14 @@ def _policy_tables(policy: str, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 @functools.cache
+def _rand_tables(frac: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandAugment's (op ids of RAND_OPS, unsigned magnitude of every op in OPS at `frac`) on `device`; built once,
+    since torch.tensor(..., device=cuda) is a blocking host-to-device copy."""
+    return (torch.tensor([OP_ID[op] for op in RAND_OPS], device=device),
+            torch.tensor([op_magnitude(op, frac) for op in OPS], device=device))
+
+
+@functools.cache
 def _signed_table(device: torch.device) -> torch.Tensor:
     return torch.tensor([op in SIGNED for op in OPS], device=device)
 
@@ -496,9 +512,7 @@ def randaugment(x: torch.Tensor, num_ops: int = 2, magnitude: int = 9, generator
     if not 0 <= magnitude < num_bins:
         raise ValueError(f"magnitude must be in [0, {num_bins - 1}], got {magnitude}")
     B, dev = x.shape[0], x.device
-    frac = magnitude / (num_bins - 1)
-    rand_ids = torch.tensor([OP_ID[op] for op in RAND_OPS], device=dev)
-    mags = torch.tensor([op_magnitude(op, frac) for op in OPS], device=dev)
+    rand_ids, mags = _rand_tables(magnitude / (num_bins - 1), dev)
     ops = rand_ids[torch.randint(0, len(RAND_OPS), (B, num_ops), generator=generator, device=dev)]
     sign = _signs((B, num_ops), generator, dev)
     values = mags[ops] * torch.where(_signed_table(dev)[ops], sign, 1.0)

@@ -96,6 +96,9 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0: no clipping, as the reference
+    # Muon's non-matrix part: adamw (the reference, SPEC 7.3) | nadamw (what timm's Muon picks with nesterov=True)
+    muon_fallback: str = "adamw"
+    muon_batched: bool = True  # step same-shape Muon matrices as one stack (far fewer kernel launches); False: timm's
 
 
 @dataclass(frozen=True)
@@ -395,6 +398,7 @@ def validate(cfg: Config) -> None:
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip")
     _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+    _check(o.muon_fallback in ("adamw", "nadamw"), "optim.muon_fallback must be adamw or nadamw")
 
 
 def make_config(preset: str = "baseline", overrides: dict[str, object] | None = None,

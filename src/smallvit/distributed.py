@@ -106,3 +106,18 @@ def on_every_rank(fn, world: int):
     if error is not None:
         raise error
     return value
+
+
+# CUDA graphs of a compiled DDP module crash or hang (pytorch/pytorch#140395, open: max-autotune under DDP since
+# 2.5; #128218): under torchrun, the modes that capture CUDA graphs run as their graph-free counterparts.
+_NO_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def compile_mode(mode: str, world: int) -> tuple[str, str | None]:
+    """The torch.compile mode to use for train.compile_mode=`mode` with `world` processes, and a note if it changed."""
+    if world == 1 or mode not in _NO_CUDAGRAPHS:
+        return mode, None
+    new = _NO_CUDAGRAPHS[mode]
+    return new, (f"train.compile_mode={mode} captures CUDA graphs, which crash on a compiled DDP module "
+                 f"(pytorch/pytorch#140395); under torchrun it runs as {new}")
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,16 +38,19 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     if cfg.name == "muon":
         muon = [p for n, p in params if _is_muon(n, p)]
         rest = [(n, p) for n, p in params if not _is_muon(n, p)]
+        # use_muon: the split above decides, not timm's shape heuristics. timm's Muon sends a fallback group to
+        # NAdamW when the group has nesterov=True and to AdamW otherwise, so each group says which (muon_fallback).
+        fb = dict(use_fallback=True, nesterov=cfg.muon_fallback == "nadamw")
         groups = [dict(params=muon, peak_lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, use_fallback=False,
-                       kind="muon")]
+                       use_muon=True, nesterov=True, kind="muon")]
         if cfg.decay_all:
-            groups.append(dict(params=[p for _, p in rest], peak_lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               use_fallback=True, kind="adamw"))
+            groups.append(dict(params=[p for _, p in rest], peak_lr=cfg.lr, weight_decay=cfg.weight_decay, **fb,
+                               kind=cfg.muon_fallback))
         else:
             groups.append(dict(params=[p for n, p in rest if not _is_no_decay(n, p)], peak_lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, use_fallback=True, kind="adamw"))
+                               weight_decay=cfg.weight_decay, **fb, kind=cfg.muon_fallback))
             groups.append(dict(params=[p for n, p in rest if _is_no_decay(n, p)], peak_lr=cfg.lr,
-                               weight_decay=0.0, use_fallback=True, kind="adamw-no-decay"))
+                               weight_decay=0.0, **fb, kind=f"{cfg.muon_fallback}-no-decay"))
     elif cfg.decay_all:  # the reference: one group, decay on everything (SPEC 7.1)
         groups = [dict(params=[p for _, p in params], peak_lr=cfg.lr, weight_decay=cfg.weight_decay, kind="all")]
     else:
@@ -76,9 +80,84 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         from timm.optim import Muon
 
         # "original" keeps Keller Jordan's update scale, for which 0.02 is the tuned Muon learning rate.
-        return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original",
-                    betas=(0.9, 0.95))
+        # Nesterov momentum for the Muon matrices; the fallback groups carry their own flag (param_groups).
+        return (_batched_muon_class() if cfg.muon_batched else Muon)(
+            groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original",
+            betas=(0.9, 0.95))
     raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def match_device(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """After load_state_dict: give AdamW this device's fused choice back (load_state_dict restores the saved
+    groups' options, so a CPU checkpoint resumed on CUDA would run unfused), with its step counters where the
+    fused kernel reads them (on the parameter's device, float32)."""
+    fused = device.type == "cuda"
+    for g in opt.param_groups:
+        if "fused" not in g or g["fused"] == fused:
+            continue
+        g["fused"] = fused
+        if fused:
+            g["foreach"] = None
+        for p in g["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                opt.state[p]["step"] = step.to(p.device, torch.float32)
+
+
+@functools.cache
+def _batched_muon_class():
+    """timm's Muon, with each Muon group's same-shape matrices stepped as one stack (imported only for muon)."""
+    from timm.optim import Muon
+    from timm.optim.muon import muon
+
+    class BatchedMuon(Muon):
+        """timm's step, matrix by matrix, costs a few dozen ops per matrix (2,414 at depth 12, counted on CPU by
+        sync_census; most are kernel launches on a GPU). Here the matrices of one shape are stacked (m, n, k) and go
+        through timm's own functional update once, in its batched mode (k matrices of (m, n): the same momentum,
+        Newton-Schulz iteration and lr scale per matrix; 138 ops at any depth), then are copied back. The state
+        (momentum_buffer per parameter) is timm's, so checkpoints move between the two. Fallback groups take
+        timm's step unchanged."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            groups = self.param_groups
+            stacked = [g for g in groups if g.get("use_muon") and g.get("algo", "muon") == "muon"]
+            for g in stacked:
+                self._step_stacked(g)
+            self.param_groups = [g for g in groups if not any(g is s for s in stacked)]
+            try:
+                if self.param_groups:
+                    super().step()
+            finally:
+                self.param_groups = groups
+            return loss
+
+        def _step_stacked(self, group: dict) -> None:
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["use_muon"] = True
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                by_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
+            for ps in by_shape.values():
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
+                P, B = torch.stack(ps, -1), torch.stack(bufs, -1)
+                muon([P], [torch.stack([p.grad for p in ps], -1)], [B], lr=group["lr"],
+                     weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
+                     ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"], eps=group["eps"],
+                     safety_factor=group["safety_factor"], adjust_lr_fn=group["adjust_lr_fn"], conv_mode="batched",
+                     normalize_spatial=False, scale_eps=group["scale_eps"], capturable=group["capturable"])
+                torch._foreach_copy_(ps, list(P.unbind(-1)))
+                torch._foreach_copy_(bufs, list(B.unbind(-1)))
+
+    return BatchedMuon
 
 
 def set_lr(opt: torch.optim.Optimizer, factor: float) -> float:

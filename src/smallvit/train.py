@@ -30,7 +30,7 @@ from . import pretrained, wandb_log
 from .augment import BatchAugment
 from .config import Config, ConfigError, diff, to_dict
 from .model import build_model, count_params, flops_per_image
-from .optim import build_optimizer, schedule_factor, set_lr
+from .optim import build_optimizer, match_device, schedule_factor, set_lr
 from .runs import (
     CHECKPOINT,
     CheckpointError,
@@ -136,6 +136,10 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, m.img_size)  # num_classes, mean, std, class_names
     if m.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes={m.num_classes} but {cfg.data.dataset} has {info.num_classes} classes")
+    if world > 1 and cfg.data.download and cfg.data.dataset != D.FOLDER:
+        # Rank 0 checks the files and downloads what is missing while the others wait (no two ranks writing one
+        # folder at once); then every rank loads, checking the md5s again.
+        dist_.on_rank0(lambda: bool(D.load(cfg.data.dataset, cfg.data.data_dir, True, train=False)), world)
     (x_train, y_train), (x_test, y_test) = dist_.on_every_rank(lambda: (
         D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=True, device=device,
                img_size=m.img_size),
@@ -192,6 +196,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     if state is not None:
         load_model_state(model, state["model"], str(ckpt_path))
         opt.load_state_dict(state["optimizer"])
+        match_device(opt, device)  # a CPU checkpoint resumed on CUDA runs fused again
         step, best_acc, history = state["step"], state["best_acc"], state.get("history", [])
         prior = {k: state.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds")}
         prior["pending_loss"] = state.get("pending_loss", (0.0, 0))
@@ -213,7 +218,10 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
 
     step_loss = functools.partial(forward_loss, ddp_model)
     if t.compile:  # compile time lands in the first step, which is not timed (see timer_start)
-        mode = None if t.compile_mode == "default" else t.compile_mode
+        mode, note = dist_.compile_mode(t.compile_mode, world)
+        if note and main:
+            print(f"note: {note}", flush=True)
+        mode = None if mode == "default" else mode
         if world > 1:  # torch.compile's DDP support works on the wrapped module (graph breaks at gradient buckets)
             step_loss = functools.partial(forward_loss, torch.compile(ddp_model, mode=mode))
         else:  # model and loss in one graph (and its backward in one more)
