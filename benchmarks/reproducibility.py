@@ -64,6 +64,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seeds", type=int, default=2, help="extra training seeds (1..N) as the yardstick")
     p.add_argument("--root", default="runs/reproducibility")
+    shared = REPO.parent / "shared" / "data"
+    p.add_argument("--data-dir", default=os.environ.get("SMALLVIT_DATA") or (str(shared) if shared.is_dir() else ""),
+                   help="dataset root (default: $SMALLVIT_DATA, else ../shared/data when present, else ./data)")
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
     p.add_argument("--threads-row", type=int, default=1, help="train.threads of the `threads=N` row (0: no row)")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
@@ -76,7 +79,8 @@ def main() -> None:
     rows_spec += [(f"seed={k}", [f"train.seed={k}"], {}) for k in range(1, args.seeds + 1)]
     rows = []
     for name, sets, env in rows_spec:
-        rows.append(run(name, root, args.preset, args.epochs, args.set + sets, env))
+        data = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+        rows.append(run(name, root, args.preset, args.epochs, data + args.set + sets, env))
         print(f"{name}: {rows[-1]['accs']} {rows[-1]['hash']} ({rows[-1]['wall']:.0f} s)", flush=True)
     ref = rows[0]
     from smallvit.runs import cpu_model
