@@ -84,7 +84,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
     """Train `cfg`; write records to `out_dir` (default: a deterministic folder under runs/); return the result.
 
     The result dict holds the final and best test accuracy, steps, wall time, throughput, params and FLOPs.
-    SIGINT/SIGTERM finish the current step, write a checkpoint and return with status "interrupted".
+    SIGINT/SIGTERM/SIGUSR2 finish the current step, write a checkpoint and return with status "interrupted".
     """
     stop = {"signal": None}
 
@@ -94,7 +94,9 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False) 
         stop["signal"] = signal.Signals(signum).name
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    # SIGUSR2: SLURM's warning before a time limit (--signal=USR2@delay, as submitit asks; see slurm.py)
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    old_handlers = {s: signal.signal(s, on_signal) for s in stop_signals} if in_main_thread else {}
     created_group = False
     try:
         rank, world, device, created_group = dist_.setup(cfg.train.device)
@@ -356,7 +358,9 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         "run_dir": str(out),
         "overrides": diff(cfg),
     }
-    if not interrupted:
+    if interrupted:
+        result["stop_signal"] = stop["signal"]  # None on a rank that stopped because another one was signalled
+    else:
         dist_.on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
     return result
 

@@ -1,0 +1,197 @@
+"""SLURM through submitit, on a real cluster: `scripts/slurm-local.sh start` brings up a one-node one (.ci/run does).
+
+The jobs are real submitit jobs on the tiny fake CIFAR-10 of conftest.py. Their Python loads a sitecustomize
+(SITE below, put on PYTHONPATH, which sbatch exports to the jobs) that makes the fake files acceptable exactly as
+the `fake_cifar` fixture does in-process: it replaces the checksum table; the check itself is not weakened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import REPO, smoke_config, write_fake_cifar10
+from smallvit import data as D
+from smallvit import slurm
+from smallvit.ablate import STUDIES
+from smallvit.cli import main
+from smallvit.config import parse_overrides
+from smallvit.runs import load_checkpoint, read_metrics
+from smallvit.train import train
+
+needs_slurm = pytest.mark.skipif(shutil.which("sbatch") is None,
+                                 reason="sbatch not found: no SLURM here (scripts/slurm-local.sh start makes one)")
+
+SITE = """\
+import json, os
+if os.environ.get("SMALLVIT_TEST_SUMS"):
+    from smallvit import data as D
+    D.CHECKSUMS["cifar10"] = json.loads(open(os.environ["SMALLVIT_TEST_SUMS"]).read())
+"""
+SETS = ["data.download=false", "data.subset=0", "data.test_subset=0", "train.threads=1", "train.device=cpu"]
+PLAIN = ["aug.crop_pad=0", "aug.flip=false", "aug.autoaugment=none", "aug.erase_p=0", "aug.mixup=false",
+         "aug.cutmix=false", "model.drop_path=0"]  # as test_reliability's torchrun test: 2 ranks = 1 process
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Fake CIFAR-10 under pytest's tmp folder (slurmd on this one node sees it) and the jobs' environment."""
+    root = tmp_path_factory.mktemp("slurm")
+    sums = write_fake_cifar10(root / "data")
+    (root / "sums.json").write_text(json.dumps(sums))
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(SITE)
+    with pytest.MonkeyPatch.context() as mp:
+        path = [str(root / "site"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+        mp.setenv("SMALLVIT_TEST_SUMS", str(root / "sums.json"))
+        mp.setitem(D.CHECKSUMS, "cifar10", sums)
+        mp.setitem(STUDIES, "tiny", ["baseline", "-mixup"])
+        yield SimpleNamespace(root=root, data=root / "data")
+
+
+def _ablate(cluster, root: Path, *extra: str) -> list[str]:
+    return ["ablate", "tiny", "--preset", "smoke", "--seeds", "2", "--root", str(root), "--data-dir",
+            str(cluster.data), "--no-report", "--set", *SETS, *extra]
+
+
+def _train(cluster, out: Path, *sets: str) -> list[str]:
+    return ["train", "--preset", "smoke", "--data-dir", str(cluster.data), "--out", str(out), "--set", *SETS, *sets]
+
+
+def _all_jobs() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout.split())
+
+
+def _status_rows(text: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in text.splitlines() if "/seed" in line.split(" ")[0]}
+
+
+def _wait_for(predicate, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def test_missing_sbatch_is_one_clear_error(capsys, monkeypatch, tmp_path, fake_cifar):
+    monkeypatch.setitem(STUDIES, "tiny", ["baseline"])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    code = main(["ablate", "tiny", "--preset", "smoke", "--root", str(tmp_path), "--launcher", "slurm"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not on PATH" in err and "nothing was submitted" in err, err
+    assert not (tmp_path / "tiny" / "slurm").exists()
+
+
+@needs_slurm
+def test_bad_requests_fail_before_anything_is_submitted(cluster, capsys, monkeypatch, tmp_path):
+    before = _all_jobs()
+    cases = [(["--partition", "nosuch"], "partition 'nosuch' does not exist; choose --partition from: "),
+             (["--gpus-per-run", "64"], "SLURM refuses the request (")]
+    for extra, message in cases:
+        code = main(_ablate(cluster, tmp_path, "--launcher", "slurm", *extra))
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("smallvit ablate: error: ") and message in err, err
+        assert err.count("\n") == 1 and "nothing was submitted" in err
+    # An unreachable controller: a configuration that points at a port where nothing listens.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=nowhere\nSlurmctldHost=localhost\nSlurmctldPort=9\nAuthType=auth/munge\n"
+                    "MessageTimeout=2\nNodeName=localhost\nPartitionName=p Nodes=localhost\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    code = main(_ablate(cluster, tmp_path, "--launcher", "slurm"))
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot reach the SLURM controller" in err and err.count("\n") == 1, err
+    monkeypatch.delenv("SLURM_CONF")
+    assert _all_jobs() == before and not (tmp_path / "tiny" / "slurm").exists()
+
+
+@needs_slurm
+def test_study_through_slurm_equals_in_process(cluster, capsys, tmp_path):
+    """4 runs as one job array, 2 at a time; --status during and after; the same accuracies as in one process."""
+    root = tmp_path / "slurm"
+    assert main(_ablate(cluster, root, "--launcher", "slurm", "--max-parallel", "2", "--cpus-per-run", "1")) == 0
+    out = capsys.readouterr().out
+    assert "submitted 4 runs as SLURM job" in out
+    folder = root / "tiny" / "slurm"
+    (script,) = folder.glob("*_submission.sh")
+    assert "#SBATCH --array=0-3%2" in script.read_text()
+    assert main(["ablate", "tiny", "--root", str(root), "--status"]) == 0
+    during = _status_rows(capsys.readouterr().out)
+    assert len(during) == 4 and all(r[2] != "-" for r in during.values())  # every run has its job id
+    states = [r[1] for r in during.values()]
+    assert set(states) <= {"queued", "running", "done"} and states.count("running") <= 2 and "queued" in states
+    assert main(_ablate(cluster, tmp_path / "local")) == 0  # the same study in this process, meanwhile
+    jobs = slurm.read_jobs(folder)
+    slurm.wait(folder, list(jobs))
+    assert main(["ablate", "tiny", "--root", str(root), "--status"]) == 0
+    after = _status_rows(capsys.readouterr().out)
+    assert {k: (r[1], r[2]) for k, r in after.items()} == {k: ("done", j["job_id"]) for k, j in jobs.items()}
+    for key in jobs:
+        a = json.loads((root / "tiny" / key / "result.json").read_text())
+        b = json.loads((tmp_path / "local" / "tiny" / key / "result.json").read_text())
+        assert (a["final_test_acc"], a["best_test_acc"], a["step"]) == (b["final_test_acc"], b["best_test_acc"],
+                                                                         b["step"])
+    assert main(_ablate(cluster, root, "--launcher", "slurm")) == 0  # finished runs are skipped
+    assert "0 to run" in capsys.readouterr().out and len(list(folder.glob("*_submission.sh"))) == 1
+
+
+def _step(out: Path) -> int:
+    return max((r["step"] for r in read_metrics(out) if "loss" in r), default=0) if out.exists() else 0
+
+
+@needs_slurm
+def test_signalled_job_is_requeued_and_resumes_exactly(cluster, capsys, tmp_path):
+    """SIGTERM (a preemption) and then SIGUSR2 (SLURM's time-limit warning): each time the run checkpoints, submitit
+    requeues the job, and the resumed run ends with the weights of an uninterrupted one."""
+    sets = ["train.epochs=24", "train.log_every_steps=1"]
+    out = tmp_path / "run"
+    assert main([*_train(cluster, out, *sets), "--launcher", "slurm", "--cpus-per-task", "1"]) == 0
+    job = slurm.read_jobs(out / "slurm")["run"]["job_id"]
+    reference = tmp_path / "reference"
+    ref = threading.Thread(target=train, args=(smoke_config(cluster.data, **parse_overrides(sets)),
+                                               reference))
+    ref.start()  # the uninterrupted run, in this process meanwhile
+    restarts = 0
+    for sig, at in (("TERM", 20), ("USR2", 60)):
+        _wait_for(lambda: _step(out) >= at, f"step {at}")
+        subprocess.run(["scancel", f"--signal={sig}", job], check=True)
+        restarts += 1
+        _wait_for(lambda: slurm.squeue_states([job]).get(job, {}).get("restarts") == restarts, "the requeue")
+    slurm.wait(out / "slurm", ["run"])
+    ref.join()
+    log = (out / "slurm" / f"{job}_0_log.out").read_text()
+    assert log.count("Requeued job") == 2 and "Job completed successfully" in log, log[-3000:]
+    assert json.loads((out / "result.json").read_text())["step"] == _step(reference) == 216
+    wa, wb = load_checkpoint(out)["model"], load_checkpoint(reference)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    curve = [(r["step"], r.get("loss"), r.get("test_acc")) for r in read_metrics(out)]
+    assert curve == [(r["step"], r.get("loss"), r.get("test_acc")) for r in read_metrics(reference)]
+
+
+@needs_slurm
+def test_two_tasks_on_one_node_equal_one_process(cluster, capsys, tmp_path):
+    """`train --launcher slurm --nodes 1 --gpus-per-node 2`: 2 ranks from submitit's JobEnvironment, gloo on CPU."""
+    sets = [*PLAIN, "train.epochs=4"]
+    two = tmp_path / "two"
+    code = main([*_train(cluster, two, *sets), "--launcher", "slurm", "--nodes", "1", "--gpus-per-node", "2",
+                 "--cpus-per-task", "1", "--wait"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    one = tmp_path / "one"
+    train(smoke_config(cluster.data, **parse_overrides(sets)), one)
+    result = json.loads((two / "result.json").read_text())
+    assert result["world_size"] == 2 and '"world_size": 2' in out
+    wa, wb = load_checkpoint(one)["model"], load_checkpoint(two)["model"]
+    for k in wa:
+        if not k.endswith("attn.k.bias"):  # zero true gradient, only rounding noise (see test_reliability.py)
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
