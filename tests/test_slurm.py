@@ -145,15 +145,25 @@ def test_study_through_slurm_equals_in_process(cluster, capsys, tmp_path):
     assert "0 to run" in capsys.readouterr().out and len(list(folder.glob("*_submission.sh"))) == 1
 
 
+def _restarts(job: str) -> int:
+    return slurm.squeue_states([job]).get(job, {}).get("restarts", 0)
+
+
+def _state(out: Path, job: str) -> str:
+    """The run's --status state."""
+    jobs = slurm.read_jobs(out / "slurm")
+    return slurm.run_status("run", out, "partial", out / "slurm", jobs, slurm.squeue_states([job]))["state"]
+
+
 def _step(out: Path) -> int:
     return max((r["step"] for r in read_metrics(out) if "loss" in r), default=0) if out.exists() else 0
 
 
 @needs_slurm
 def test_signalled_job_is_requeued_and_resumes_exactly(cluster, capsys, tmp_path):
-    """SIGTERM (a preemption) and then SIGUSR2 (SLURM's time-limit warning): each time the run checkpoints, submitit
-    requeues the job, and the resumed run ends with the weights of an uninterrupted one."""
-    sets = ["train.epochs=24", "train.log_every_steps=1"]
+    """SIGTERM while the job runs (a preemption): the run checkpoints, the job is requeued through submitit, and the
+    resumed run ends with the weights and metrics of an uninterrupted one. (USR2: the time-limit test below.)"""
+    sets = ["train.epochs=12", "train.log_every_steps=1"]
     out = tmp_path / "run"
     assert main([*_train(cluster, out, *sets), "--launcher", "slurm", "--cpus-per-task", "1"]) == 0
     job = slurm.read_jobs(out / "slurm")["run"]["job_id"]
@@ -161,17 +171,15 @@ def test_signalled_job_is_requeued_and_resumes_exactly(cluster, capsys, tmp_path
     ref = threading.Thread(target=train, args=(smoke_config(cluster.data, **parse_overrides(sets)),
                                                reference))
     ref.start()  # the uninterrupted run, in this process meanwhile
-    restarts = 0
-    for sig, at in (("TERM", 20), ("USR2", 60)):
-        _wait_for(lambda: _step(out) >= at, f"step {at}")
-        subprocess.run(["scancel", f"--signal={sig}", job], check=True)
-        restarts += 1
-        _wait_for(lambda: slurm.squeue_states([job]).get(job, {}).get("restarts") == restarts, "the requeue")
+    _wait_for(lambda: _step(out) >= 20, "step 20")
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    _wait_for(lambda: _restarts(job) == 1, "the requeue")
+    _wait_for(lambda: _state(out, job) == "requeued", "--status: requeued")  # queued again, until it starts
     slurm.wait(out / "slurm", ["run"])
     ref.join()
     log = (out / "slurm" / f"{job}_0_log.out").read_text()
-    assert log.count("Requeued job") == 2 and "Job completed successfully" in log, log[-3000:]
-    assert json.loads((out / "result.json").read_text())["step"] == _step(reference) == 216
+    assert log.count("Requeued job") == 1 and "Job completed successfully" in log, log[-3000:]
+    assert json.loads((out / "result.json").read_text())["step"] == _step(reference) == 108
     wa, wb = load_checkpoint(out)["model"], load_checkpoint(reference)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     curve = [(r["step"], r.get("loss"), r.get("test_acc")) for r in read_metrics(out)]
@@ -195,3 +203,27 @@ def test_two_tasks_on_one_node_equal_one_process(cluster, capsys, tmp_path):
     for k in wa:
         if not k.endswith("attn.k.bias"):  # zero true gradient, only rounding noise (see test_reliability.py)
             torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_time_limit_warning_checkpoints_and_requeues(cluster, tmp_path):
+    """A real time limit: SLURM sends USR2 --signal-delay-s before it (checked every 30 s by the controller, so within
+    30 s of the start here); the run writes a checkpoint at that step, equal to a run stopped there, and is requeued."""
+    sets = ["train.epochs=400", "train.log_every_steps=1"]  # longer than the 30 s the warning may take
+    out = tmp_path / "run"
+    assert main([*_train(cluster, out, *sets), "--launcher", "slurm", "--cpus-per-task", "1", "--timeout-min", "1",
+                 "--signal-delay-s", "55"]) == 0
+    job = slurm.read_jobs(out / "slurm")["run"]["job_id"]
+    _wait_for(lambda: _restarts(job) == 1, "the time-limit warning and the requeue", timeout=150)
+    _wait_for(lambda: _state(out, job) == "requeued", "--status: requeued")
+    subprocess.run(["scancel", job], check=True)  # cancel it while it waits, so the checkpoint stays the one we test
+    _wait_for(lambda: not slurm.live("run", slurm.read_jobs(out / "slurm"), slurm.squeue_states([job])), "the cancel")
+    log = (out / "slurm" / f"{job}_0_log.out").read_text()
+    assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log and "Requeued job" in log, log[-3000:]
+    stopped = load_checkpoint(out)["step"]
+    assert 0 < stopped < 3600
+    reference = tmp_path / "reference"
+    train(smoke_config(cluster.data, **parse_overrides([*sets, f"train.max_steps={stopped}"])), reference)
+    wa, wb = load_checkpoint(out)["model"], load_checkpoint(reference)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

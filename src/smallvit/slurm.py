@@ -95,7 +95,8 @@ def check_request(res: Resources, folder: Path, executor) -> None:
     parts = partitions()
     name = res.partition or next((n for n, p in parts.items() if p["default"]), None)
     if name not in parts:
-        what = f"partition {res.partition!r} does not exist" if res.partition else "the cluster has no default partition"
+        what = (f"partition {res.partition!r} does not exist" if res.partition
+                else "the cluster has no default partition")
         raise SlurmError(f"{what}; choose --partition from: {', '.join(parts) or 'none'}; nothing was submitted")
     if not parts[name]["up"]:
         raise SlurmError(f"partition {name!r} is not up (sinfo); choose another --partition; nothing was submitted")
