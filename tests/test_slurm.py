@@ -145,6 +145,22 @@ def test_study_through_slurm_equals_in_process(cluster, capsys, tmp_path):
     assert "0 to run" in capsys.readouterr().out and len(list(folder.glob("*_submission.sh"))) == 1
 
 
+@needs_slurm
+def test_failed_run_shows_its_log_and_error(cluster, capsys, tmp_path):
+    """A run that fails inside its job (no dataset where it looks): --status says failed, with its log and error."""
+    assert main(["ablate", "tiny", "--preset", "smoke", "--root", str(tmp_path), "--data-dir", str(tmp_path / "none"),
+                 "--no-report", "--set", *SETS, "--launcher", "slurm", "--cpus-per-run", "1", "--wait"]) == 1
+    capsys.readouterr()
+    assert main(["ablate", "tiny", "--root", str(tmp_path), "--status"]) == 0
+    text = capsys.readouterr().out
+    rows = _status_rows(text)
+    assert [r[1] for r in rows.values()] == ["failed", "failed"], text
+    assert text.count("DataError: cifar10") == 2 and text.count("    log: ") == 2, text
+    for line in text.splitlines():
+        if line.startswith("    log: "):
+            assert "DataError" in Path(line.split("log: ")[1]).read_text()
+
+
 def _restarts(job: str) -> int:
     return slurm.squeue_states([job]).get(job, {}).get("restarts", 0)
 

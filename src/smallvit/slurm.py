@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -224,8 +225,12 @@ def submit(runs: list[tuple[str, Config, Path]], folder: Path, res: Resources) -
     ex = executor(folder, res)
     check_request(res, folder, ex)
     folder.mkdir(parents=True, exist_ok=True)
-    with _submission_env():
-        jobs = ex.map_array(RunJob(), [cfg for _, cfg, _ in runs], [str(f.resolve()) for _, _, f in runs])
+    try:
+        with _submission_env():
+            jobs = ex.map_array(RunJob(), [cfg for _, cfg, _ in runs], [str(f.resolve()) for _, _, f in runs])
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:  # after --test-only
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise SlurmError(f"sbatch failed: {lines[0] if lines else e}; nothing was submitted") from None
     record = read_jobs(folder)
     now = time.time()
     for (key, _, run_folder), job in zip(runs, jobs):
@@ -279,9 +284,10 @@ def _job_error(folder: Path, job_id: str) -> str | None:
         return None
     with contextlib.suppress(Exception):
         outcome, value = submitit.core.utils.pickle_load(path)
-        if outcome == "error":
+        if outcome == "error":  # a traceback: its exception line, with the lines of a multi-line message
             lines = [ln for ln in str(value).strip().splitlines() if ln.strip()]
-            return lines[-1] if lines else "error"
+            starts = [i for i, ln in enumerate(lines) if re.match(r"[A-Za-z_][\w.]*: ", ln)]
+            return " ".join(lines[starts[-1] if starts else -1:]) if lines else "error"
         return None
     return "unreadable result file"
 
@@ -333,7 +339,7 @@ def format_status(rows: list[dict], title: str) -> str:
         lines.append(f"{r['run']:{width}s}  {r['state']:13s}  {r['job_id'] or '-':12s}  {r['last'][:100]}")
     for r in rows:
         if r["state"] in ("failed", "interrupted") and r["error"]:
-            lines.append(f"{r['run']} {r['state']}: {r['error']}" + (f"\n  log: {r['log']}" if r["log"] else ""))
+            lines.append(f"  {r['run']} {r['state']}: {r['error']}" + (f"\n    log: {r['log']}" if r["log"] else ""))
     return "\n".join(lines)
 
 
