@@ -108,8 +108,8 @@ def check_request(res: Resources, folder: Path, executor) -> None:
     if p.returncode != 0:
         raise SlurmError(f"SLURM refuses the request ({_first_error(p)}): partition {name}, {res.nodes} node(s), "
                          f"{res.gpus_per_node} GPU(s) and {res.tasks_per_node} task(s) per node, {res.cpus_per_task} "
-                         f"CPU(s) per task, mem {res.mem_gb or 'default'} GB, {res.timeout_min} min; nothing was "
-                         f"submitted")
+                         f"CPU(s) per task, memory {f'{res.mem_gb:g} GB' if res.mem_gb else 'default'}, "
+                         f"{res.timeout_min} min; nothing was submitted")
     _check_shared(folder, parts[name]["nodes"])
 
 
@@ -364,6 +364,8 @@ def wait(folder: Path, keys: list[str], poll_s: float = 2.0) -> None:
 
 def submit_study(todo: list[tuple[str, Config, Path]], folder: Path, res: Resources, wait_: bool = False) -> None:
     """Submit a study's unfinished runs as one job array, except those whose job is still queued or running."""
+    if not todo:
+        return
     partitions()  # one clear error first when SLURM is missing or unreachable
     jobs = read_jobs(folder)
     queue = squeue_states([j["job_id"] for j in jobs.values()])
