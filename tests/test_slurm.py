@@ -84,7 +84,7 @@ def _wait_for(predicate, what: str, timeout: float = 120):
     return value
 
 
-def test_missing_sbatch_is_one_clear_error(capsys, monkeypatch, tmp_path, fake_cifar):
+def test_missing_sbatch_is_one_clear_error(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(STUDIES, "tiny", ["baseline"])
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     code = main(["ablate", "tiny", "--preset", "smoke", "--root", str(tmp_path), "--launcher", "slurm"])
@@ -125,6 +125,9 @@ def test_study_through_slurm_equals_in_process(cluster, capsys, tmp_path):
     folder = root / "tiny" / "slurm"
     (script,) = folder.glob("*_submission.sh")
     assert "#SBATCH --array=0-3%2" in script.read_text()
+    assert main(_ablate(cluster, root, "--launcher", "slurm")) == 0  # again at once: nothing is submitted twice
+    assert "4 runs already queued or running" in capsys.readouterr().out
+    assert len(list(folder.glob("*_submission.sh"))) == 1
     assert main(["ablate", "tiny", "--root", str(root), "--status"]) == 0
     during = _status_rows(capsys.readouterr().out)
     assert len(during) == 4 and all(r[2] != "-" for r in during.values())  # every run has its job id
