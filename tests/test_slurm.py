@@ -93,6 +93,13 @@ def test_missing_sbatch_is_one_clear_error(capsys, monkeypatch, tmp_path):
     assert not (tmp_path / "tiny" / "slurm").exists()
 
 
+def test_node_local_folder_is_refused_on_a_multi_node_partition():
+    with pytest.raises(slurm.SlurmError, match="node-local on clusters.*4 nodes"):
+        slurm._check_shared(Path("/tmp/studies"), nodes=4)
+    slurm._check_shared(Path("/tmp/studies"), nodes=1)  # one node: its /tmp is shared with itself
+    slurm._check_shared(Path("/srv/studies"), nodes=4)
+
+
 @needs_slurm
 def test_bad_requests_fail_before_anything_is_submitted(cluster, capsys, monkeypatch, tmp_path):
     before = _all_jobs()

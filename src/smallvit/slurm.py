@@ -84,10 +84,11 @@ def partitions() -> dict[str, dict]:
     if p.returncode != 0:
         raise SlurmError(f"cannot reach the SLURM controller ({_first_error(p)}); check `scontrol ping` and "
                          f"$SLURM_CONF; nothing was submitted")
-    parts = {}
-    for line in p.stdout.split():
+    parts: dict[str, dict] = {}
+    for line in p.stdout.split():  # one line per partition, or per partition and node state: sum the nodes
         name, avail, nodes = line.split("|")
-        parts[name.rstrip("*")] = {"default": name.endswith("*"), "up": avail == "up", "nodes": int(nodes)}
+        part = parts.setdefault(name.rstrip("*"), {"default": name.endswith("*"), "up": avail == "up", "nodes": 0})
+        part["nodes"] += int(nodes)
     return parts
 
 
@@ -115,20 +116,23 @@ def check_request(res: Resources, folder: Path, executor) -> None:
 
 def _check_shared(folder: Path, nodes: int) -> None:
     """The folder must be seen by every node; where it is surely node-local (tmpfs, /tmp) on a multi-node
-    partition, say so before submitting (SLURM would fail silently: jobs could not even write their logs)."""
+    partition, refuse before submitting (SLURM would fail silently: jobs could not even write their logs)."""
     if nodes <= 1:
         return
     mounts = []
     with contextlib.suppress(OSError):
         for line in Path("/proc/mounts").read_text().splitlines():
-            dev, point, fstype, *_ = line.split()
+            _, point, fstype, *_ = line.split()
             mounts.append((point, fstype))
     real = str(folder.resolve())
     point, fstype = max(((p, t) for p, t in mounts if real == p or real.startswith(p.rstrip("/") + "/")),
                         key=lambda m: len(m[0]), default=("/", "?"))
-    if fstype in ("tmpfs", "ramfs") or real.startswith(("/tmp/", "/var/tmp/", "/dev/shm/")):
-        raise SlurmError(f"{folder} is on a node-local filesystem ({fstype} at {point}) but the partition has {nodes} "
-                         f"nodes: put --root/--out on a filesystem every node mounts; nothing was submitted")
+    where = (f"on {fstype} (at {point}), which is in memory on each node" if fstype in ("tmpfs", "ramfs") else
+             "under a temporary folder, which is node-local on clusters"
+             if real.startswith(("/tmp/", "/var/tmp/", "/dev/shm/")) else "")
+    if where:
+        raise SlurmError(f"{folder} is {where}, but the partition has {nodes} nodes: put --root/--out on a filesystem "
+                         f"every node mounts; nothing was submitted")
 
 
 # ---- the job
