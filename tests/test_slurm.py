@@ -104,7 +104,7 @@ def test_node_local_folder_is_refused_on_a_multi_node_partition():
 def test_bad_requests_fail_before_anything_is_submitted(cluster, capsys, monkeypatch, tmp_path):
     before = _all_jobs()
     cases = [(["--partition", "nosuch"], "partition 'nosuch' does not exist; choose --partition from: "),
-             (["--gpus-per-run", "64"], "SLURM refuses the request (")]
+             (["--gpus-per-run", "64", "--cpus-per-run", "1"], "SLURM refuses the request (")]
     for extra, message in cases:
         code = main(_ablate(cluster, tmp_path, "--launcher", "slurm", *extra))
         err = capsys.readouterr().err
