@@ -6,6 +6,7 @@ A run with result.json is skipped; a run with only a checkpoint is resumed; anyt
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -66,11 +67,12 @@ def run_state(folder: Path) -> str:
 
 def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float = 1.0, root: str | Path = "runs/studies",
            overrides: dict | None = None, devices: list[str] | None = None, cli_overrides: list[str] | None = None,
-           data_dir: str | None = None) -> list[dict]:
+           data_dir: str | None = None, slurm=None, wait: bool = False) -> list[dict]:
     """Run (or continue) every run of a study; return one status row per run.
 
     One device: runs in sequence in this process. Several devices: independent runs side by side, one per
-    device, each in its own `smallvit train` process.
+    device, each in its own `smallvit train` process. `slurm` (slurm.Resources): one SLURM job per run, as one
+    submitit job array in <study>/slurm/ (returns after submitting unless `wait`).
     """
     runs = plan(study, seeds, preset, budget, overrides)
     base = Path(root) / study
@@ -86,7 +88,12 @@ def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float =
         if state != "done":
             todo.append((name, seed, cfg, folder))
     print(f"study {study}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run", flush=True)
-    if not devices or len(devices) <= 1:
+    if slurm is not None:
+        from .slurm import SLURM_DIR, submit_study
+
+        submit_study([(f"{name}/seed{seed}", cfg, folder) for name, seed, cfg, folder in todo], base / SLURM_DIR,
+                     slurm, wait)
+    elif not devices or len(devices) <= 1:
         from .train import train
 
         for name, seed, cfg, folder in todo:
@@ -131,3 +138,17 @@ def _budget_overrides(runs, name) -> list[str]:
     return [f"train.epochs={cfg.train.epochs}", f"optim.warmup_epochs={cfg.optim.warmup_epochs}",
             f"train.eval_every_epochs={cfg.train.eval_every_epochs}"]
 
+
+def status(study: str, root: str | Path = "runs/studies") -> str:
+    """The --status table of a study: every run's state (SLURM jobs included), job id and last log line."""
+    from .slurm import SLURM_DIR, format_status, read_jobs, run_status, squeue_states
+
+    base = Path(root) / study
+    if not (base / "study.json").is_file():
+        raise ConfigError(f"no study in {base} (no study.json); start it with `smallvit ablate {study}`")
+    info = json.loads((base / "study.json").read_text())
+    jobs = read_jobs(base / SLURM_DIR)
+    queue = squeue_states([j["job_id"] for j in jobs.values()])
+    rows = [run_status(f"{name}/seed{seed}", base / name / f"seed{seed}", run_state(base / name / f"seed{seed}"),
+                       base / SLURM_DIR, jobs, queue) for name in info["ablations"] for seed in range(info["seeds"])]
+    return format_status(rows, f"study {study} ({base})")

@@ -30,6 +30,10 @@ def cmd_train(args) -> int:
 
     cfg = _build(args)
     out = Path(args.out) if args.out else default_run_dir(cfg)
+    if args.launcher == "slurm":  # one job of --nodes x --gpus-per-node processes (slurm.py, docs/cluster.md)
+        from .slurm import submit_train
+
+        return submit_train(cfg, out, args)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one process speaks
     if main_rank:
         print(f"run folder: {out}")
@@ -96,14 +100,26 @@ def cmd_ablations(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import ablate
+    from .ablate import ablate, status
 
+    if args.status:
+        print(status(args.study, args.root))
+        return 0
     overrides = parse_overrides(args.set)
     if args.data_dir:
         overrides.setdefault("data.data_dir", args.data_dir)
     devices = args.devices.split(",") if args.devices else None
+    slurm = None
+    if args.launcher == "slurm":
+        from .slurm import resources
+
+        slurm = resources(args, f"smallvit-{args.study}")
     rows = ablate(args.study, args.seeds, args.preset, args.budget, args.root, overrides, devices, args.set,
-                  args.data_dir)
+                  args.data_dir, slurm=slurm, wait=args.wait)
+    if slurm is not None:
+        print(status(args.study, args.root))
+        if not args.wait:  # submitted: follow with --status
+            return 0
     done = sum(r["state"] == "done" for r in rows)
     print(f"{done}/{len(rows)} runs done in {Path(args.root) / args.study}")
     if done and not args.no_report:
@@ -183,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/<diff-from-baseline>/seed<N>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    from .slurm import add_arguments as add_slurm_arguments
+
+    add_slurm_arguments(p, per_run=False)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="test accuracy of a saved run or checkpoint")
@@ -211,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--status", action="store_true", help="list every run: state, SLURM job, last log line; errors")
+    add_slurm_arguments(p, per_run=True)
     p.set_defaults(fn=cmd_ablate)
 
     p = sub.add_parser("report", help="Markdown/CSV table and plots from a study's run records")

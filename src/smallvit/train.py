@@ -89,7 +89,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, 
     `step_hook(step)`, if given, is called after every optimiser step (e.g. a torch.profiler's step, profile.py).
 
     The result dict holds the final and best test accuracy, steps, wall time, throughput, params and FLOPs.
-    SIGINT/SIGTERM finish the current step, write a checkpoint and return with status "interrupted".
+    SIGINT/SIGTERM/SIGUSR2 finish the current step, write a checkpoint and return with status "interrupted".
     """
     stop = {"signal": None}
 
@@ -99,7 +99,9 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, 
         stop["signal"] = signal.Signals(signum).name
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    # SIGUSR2: SLURM's warning before a time limit (--signal=USR2@delay, as submitit asks; see slurm.py)
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    old_handlers = {s: signal.signal(s, on_signal) for s in stop_signals} if in_main_thread else {}
     created_group = False
     try:
         rank, world, device, created_group = dist_.setup(cfg.train.device)
@@ -401,7 +403,9 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     if split == "val":
         result.update(final_val_acc=final.get("val_acc", float("nan")), best_val_acc=best_acc,
                       val_images=cfg.data.val_images)
-    if not interrupted:
+    if interrupted:
+        result["stop_signal"] = stop["signal"]  # None on a rank that stopped because another one was signalled
+    else:
         dist_.on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
     return result
 
