@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import smallvit
-from conftest import smoke_config, write_fake_cifar10
+from conftest import smoke_config
 from smallvit import data as D
 from smallvit.ablate import STUDIES, plan
 from smallvit.backbones import Cait, Swin
@@ -37,7 +37,8 @@ def _json(text: str):
     return json.loads(text[text.find("{"):])
 
 
-@pytest.mark.parametrize("preset,cls,params,gflops", [("swin", Swin, 7_048_612, 0.4819), ("cait", Cait, 8_053_450, 1.0096)])
+@pytest.mark.parametrize("preset,cls,params,gflops", [("swin", Swin, 7_048_612, 0.4819),
+                                                       ("cait", Cait, 8_053_450, 1.0096)])
 def test_reference_shapes_and_parameter_counts(preset, cls, params, gflops):
     # Pinned with timm 1.0.31 (SPEC 11: 7.05 M and 8.05 M for CIFAR-10); another timm may build them differently.
     assert timm.__version__ == "1.0.31", f"counts pinned with timm 1.0.31, this is {timm.__version__}"
@@ -49,7 +50,8 @@ def test_reference_shapes_and_parameter_counts(preset, cls, params, gflops):
 def test_swin_follows_spec_11_1():
     m = build_model(make_config("swin").model)
     blocks = [b for stage in m.layers for b in stage.blocks]
-    assert [len(s.blocks) for s in m.layers] == [2, 6, 4] and [s.blocks[0].attn.num_heads for s in m.layers] == [3, 6, 12]
+    assert [len(s.blocks) for s in m.layers] == [2, 6, 4]
+    assert [s.blocks[0].attn.num_heads for s in m.layers] == [3, 6, 12]
     assert m.patch_embed.grid_size == (16, 16) and m.num_features == 384 and m.head.global_pool.pool_type == "avg"
     # odd blocks shifted by window // 2; the last stage is 4x4 = one window, so unshifted
     assert [tuple(b.shift_size) for b in blocks] == [(0, 0), (2, 2)] * 4 + [(0, 0)] * 4
@@ -112,15 +114,6 @@ def test_archs_study_and_presets():
     assert STUDIES["archs"] == ["baseline", "swin", "cait"] and ABLATIONS["swin"] == PRESETS["swin"]
     runs = plan("archs", 1, "mini")
     assert [c.model.arch for _, _, c in runs] == ["vit", "swin", "cait"]
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    sums = write_fake_cifar10(root, n_train=320, n_test=64)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(D.CHECKSUMS, "cifar10", sums)
-        yield root
 
 
 @pytest.mark.parametrize("arch", ["swin", "cait"])

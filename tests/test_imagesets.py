@@ -43,7 +43,7 @@ def write_tiny_imagenet(root, n_train=4, n_val=2, size=64, wnids=WNIDS, words=WO
         (f / "train" / w / f"{w}_boxes.txt").write_text("")
         for i in range(n_train):
             _img(rng, size, label, f / "train" / w / "images" / f"{w}_{i}.JPEG", "JPEG")
-        for i in range(n_val):
+        for _ in range(n_val):
             name = f"val_{len(lines)}.JPEG"
             _img(rng, size, label, f / "val" / "images" / name, "JPEG")
             lines.append(f"{name}\t{w}\t0\t0\t{size - 1}\t{size - 1}")

@@ -194,7 +194,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "cait": CAIT,
     # SPEC 5.1 and the AutoAugment decision of SPEC 12.19 (docs/backbones-and-datasets.md): Tiny-ImageNet is a
     # subset of ImageNet, so it keeps the reference's ImageNet policy; CINIC-10 is CIFAR-10's classes at 32 px
-    # (CIFAR-10 images plus downsampled ImageNet ones), so it takes the CIFAR-10 policy, not the reference's ImageNet.
+    # (CIFAR-10's images plus ImageNet ones downsampled), so it takes the CIFAR-10 policy, not the reference's ImageNet.
     "tinyimagenet": {"data.dataset": "tinyimagenet", "model.num_classes": 200, "model.img_size": 64,
                      "aug.autoaugment": "imagenet"},
     "cinic10": {"data.dataset": "cinic10", "model.num_classes": 10, "aug.autoaugment": "cifar10"},
