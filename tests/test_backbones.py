@@ -140,6 +140,9 @@ def test_train_resume_eval_predict_export_info(arch, cifar, tmp_path, capsys, on
     xb = preprocess(D.load("cifar10", str(cifar), download=False, train=False)[0][:5])  # another batch size
     with torch.no_grad():
         torch.testing.assert_close(run_exported(tmp_path / "m.onnx", "onnx", xb), model(xb), atol=1e-4, rtol=0)
+    for fmt, name in (("torchscript", "m.ts"), ("torch.export", "m.pt2")):
+        assert main(["export", str(tmp_path / "full"), "--format", fmt, "--out", str(tmp_path / name)]) == 0
+        assert _json(capsys.readouterr().out)["max_abs_diff"] <= 1e-4
 
     assert main(["info", "--preset", "smoke", "--set", *[f"{k}={v}" for k, v in TINY[arch].items()]]) == 0
     info = _json(capsys.readouterr().out)
