@@ -84,6 +84,7 @@ def test_tiny_imagenet_official_layout(tmp_path, counts):
     meta = D.dataset_meta("tinyimagenet", str(tmp_path))
     assert meta.class_names == ("goldfish", "tabby", "volcano") and meta.num_classes == 200
     assert D.load("tinyimagenet", str(tmp_path), download=False, img_size=32)[0].shape == (12, 3, 32, 32)
+    assert D.verify("tinyimagenet", tmp_path, download=False) == f  # the same entry point as the other datasets
 
 
 def test_decoded_cache_is_used_and_invalidated_when_files_change(tmp_path, counts, monkeypatch):

@@ -181,6 +181,10 @@ def _missing_message(name: str, folder: Path, missing: list[str], why: str = "")
 def verify(name: str, root: Path, download: bool = True) -> Path:
     """Check every file's md5 (downloading when missing and allowed); return the dataset folder."""
     info = DATASETS[name]
+    if info.layout == "images":  # one archive of image files: its md5, layout and image counts (imagesets.py)
+        from . import imagesets
+
+        return imagesets.locate(name, root, download)
     folder = _find_folder(root, info)
     files = info.train_files + info.test_files
     missing = [f for f in files if not (folder / f).is_file()]
