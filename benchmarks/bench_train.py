@@ -39,9 +39,10 @@ def bench(preset: str, overrides: dict, steps: int, warmup: int, dev: torch.devi
     opt = build_optimizer(model, cfg.optim, dev)
     aug = BatchAugment(cfg.aug, info.mean, info.std, cfg.model.num_classes, cfg.train.label_smoothing, dev)
     bf16 = dev.type == "cuda"
-    K = chunk_steps(cfg.aug.chunk_images, B, dev)  # as train.py: per-sample augmentation of K batches per call
+    S = cfg.model.img_size
+    K = chunk_steps(cfg.aug.chunk_images, B, dev, 3 * S * S)  # as train.py: per-sample augmentation of K batches/call
     g = torch.Generator(device="cpu").manual_seed(0)
-    x_u8 = torch.randint(0, 256, (K * B, 3, 32, 32), dtype=torch.uint8, generator=g).to(dev)
+    x_u8 = torch.randint(0, 256, (K * B, 3, S, S), dtype=torch.uint8, generator=g).to(dev)
     y = torch.randint(0, cfg.model.num_classes, (K * B,), generator=g).to(dev)
     x_f, t_f = aug(x_u8[:B], y[:B], 0)
 

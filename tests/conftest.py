@@ -75,3 +75,13 @@ def smoke_config(data_dir: Path, **overrides):
             "train.threads": 1}
     base.update(overrides)
     return make_config("smoke", base)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    """A tiny fake CIFAR-10 for the whole module (the function-scoped `fake_cifar` would retrain per test)."""
+    root = tmp_path_factory.mktemp("data")
+    sums = write_fake_cifar10(root, n_train=320, n_test=64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(D.CHECKSUMS, "cifar10", sums)
+        yield root

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import smallvit
-from conftest import make_images, smoke_config, write_fake_cifar10
+from conftest import make_images, smoke_config
 from smallvit import data as D
 from smallvit.cli import main
 from smallvit.config import ConfigError, make_config, to_dict
@@ -21,16 +21,6 @@ from smallvit.runs import save_checkpoint
 
 MULTI = {"model.num_cls_tokens": 2, "model.class_attn_depth": 1}  # several CLS tokens + a class-attention block
 TINY = {"train.max_steps": 3, "aug.autoaugment": "none", "aug.erase_p": 0.0}
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    """A tiny fake CIFAR-10 for the whole module (the function-scoped `fake_cifar` would retrain per test)."""
-    root = tmp_path_factory.mktemp("data")
-    sums = write_fake_cifar10(root, n_train=320, n_test=64)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(D.CHECKSUMS, "cifar10", sums)
-        yield root
 
 
 @pytest.fixture(scope="module")

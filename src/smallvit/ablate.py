@@ -28,6 +28,8 @@ STUDIES: dict[str, list[str]] = {
     "all": list(ABLATIONS),
     # The CPU mini-study of the README: one or two ablations from each group of the paper's table.
     "mini": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "mla-qkv"],
+    # The reference's three backbones side by side (SPEC 11): the ViT, timm's Swin and timm's CaiT.
+    "archs": ["baseline", "swin", "cait"],
 }
 
 

@@ -39,11 +39,20 @@ class ModelConfig:
     patch_init: str = "default"  # default (PyTorch conv init) | whiten
     whiten_filters: str = "first"  # first: the reference's c*k*k filters; all: every output channel
     whiten_images: int = 5000
+    # Backbone (SPEC 11, `backbones.py`): vit (model.py) | swin | cait (timm's SwinTransformer and Cait classes).
+    # swin reads embed_dim (stage 1; doubled per stage), patch_size, mlp_ratio, qkv_bias, norm_eps, drop_path (linear)
+    # and the swin_* keys below instead of depth / num_heads; cait reads the ViT's shape keys, class_attn_depth (its
+    # class-attention blocks) and layer_scale_init, with a constant drop_path. Defaults are the reference's shapes.
+    arch: str = "vit"
+    swin_depths: tuple[int, ...] = (2, 6, 4)  # blocks per stage
+    swin_heads: tuple[int, ...] = (3, 6, 12)  # heads per stage
+    window_size: int = 4  # a stage whose grid is <= the window attends globally, unshifted (timm)
+    layer_scale_init: float = 1e-5  # cait: LayerScale gamma of every residual branch (SPEC 11.2)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | svhn | folder (ImageFolder layout at data_dir)
+    dataset: str = "cifar10"  # cifar10 | cifar100 | svhn | tinyimagenet | cinic10 | folder (ImageFolder at data_dir)
     data_dir: str = ""  # empty: $SMALLVIT_DATA, else ./data
     download: bool = True  # try the official source when files are missing
     subset: int = 0  # >0: use only the first N training images (tests, quick demos)
@@ -139,6 +148,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# The reference's other backbones at its shapes for 32-px input (SPEC 11): the rest of the recipe is the baseline's.
+# Above 32 px the reference uses patch 4 (swin) and 8 (cait): add model.patch_size.
+SWIN = {"model.arch": "swin", "model.embed_dim": 96, "model.patch_size": 2}
+CAIT = {"model.arch": "cait", "model.depth": 24, "model.num_heads": 4, "model.class_attn_depth": 2}
+
 # Named presets: each is a diff against the baseline.
 PRESETS: dict[str, dict[str, object]] = {
     "baseline": {},
@@ -191,6 +205,15 @@ PRESETS: dict[str, dict[str, object]] = {
     # Other datasets at the baseline's scale (SPEC 5.1-5.3): SVHN digits are not mirror-symmetric, so no flip.
     "cifar100": {"data.dataset": "cifar100", "model.num_classes": 100},
     "svhn": {"data.dataset": "svhn", "model.num_classes": 10, "aug.autoaugment": "svhn", "aug.flip": False},
+    # The backbones of SPEC 11 at the paper's recipe.
+    "swin": SWIN,
+    "cait": CAIT,
+    # SPEC 5.1 and the AutoAugment decision of SPEC 12.19 (docs/backbones-and-datasets.md): Tiny-ImageNet is a
+    # subset of ImageNet, so it keeps the reference's ImageNet policy; CINIC-10 is CIFAR-10's classes at 32 px
+    # (CIFAR-10's images plus ImageNet ones downsampled), so it takes the CIFAR-10 policy, not the reference's ImageNet.
+    "tinyimagenet": {"data.dataset": "tinyimagenet", "model.num_classes": 200, "model.img_size": 64,
+                     "aug.autoaugment": "imagenet"},
+    "cinic10": {"data.dataset": "cinic10", "model.num_classes": 10, "aug.autoaugment": "cifar10"},
 }
 
 
@@ -231,6 +254,9 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "muon": {"optim.name": "muon"},
     "adamw-nowd-1d": {"optim.decay_all": False},
     "depth9": {"model.depth": 9},
+    # Other backbones (SPEC 11), built from timm's classes
+    "swin": SWIN,
+    "cait": CAIT,
 }
 
 # The reference README's Val/Acc (%) for the columns that have one (SPEC section 4).
@@ -283,6 +309,10 @@ def _coerce(key: str, value, t):
                 raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
     if origin is tuple:
         args = typing.get_args(t)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length, at least one value
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ConfigError(f"{key}: expected comma-separated values, got {value!r}")
+            args = (args[0],) * len(value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {value!r}")
         return tuple(_coerce(key, v, a) for v, a in zip(value, args))
@@ -338,6 +368,17 @@ def _check(ok: bool, msg: str):
         raise ConfigError(msg)
 
 
+DATASET_NAMES = ("cifar10", "cifar100", "svhn", "tinyimagenet", "cinic10", "folder")
+ARCHS = ("vit", "swin", "cait")
+# Model keys that only some backbones read; any other arch refuses them when they differ from the default.
+ARCH_KEYS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("latent", "latent_dim", "latent_kv_shared", "num_cls_tokens", "cls_pool", "class_attn",
+                     "pos_embed", "patch_init", "whiten_filters", "whiten_images"), ("vit",)),
+    "class_attn_depth": ("vit", "cait"),
+    **dict.fromkeys(("swin_depths", "swin_heads", "window_size"), ("swin",)),
+    "layer_scale_init": ("cait",),
+}
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -349,7 +390,7 @@ def validate(cfg: Config) -> None:
            f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
     _check(m.depth >= 1, f"model.depth must be >= 1, got {m.depth}")
     _check(m.embed_dim >= 1 and m.num_heads >= 1, "model.embed_dim and model.num_heads must be >= 1")
-    _check(m.embed_dim % m.num_heads == 0,
+    _check(m.arch == "swin" or m.embed_dim % m.num_heads == 0,  # swin has its own heads per stage
            f"model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}")
     _check(m.mlp_ratio > 0, "model.mlp_ratio must be positive")
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path must be in [0, 1)")
@@ -366,8 +407,8 @@ def validate(cfg: Config) -> None:
     _check(m.pos_embed != "sincos" or m.embed_dim % 4 == 0, "model.pos_embed=sincos needs embed_dim % 4 == 0")
     _check(m.patch_init in ("default", "whiten"), "model.patch_init must be default or whiten")
     _check(m.whiten_filters in ("first", "all"), "model.whiten_filters must be first or all")
-    _check(d.dataset in ("cifar10", "cifar100", "svhn", "folder"),
-           f"data.dataset must be cifar10, cifar100, svhn or folder (images at data.data_dir), got {d.dataset!r}")
+    _check(d.dataset in DATASET_NAMES, f"data.dataset must be {', '.join(DATASET_NAMES[:-1])} or folder (images at "
+                                       f"data.data_dir), got {d.dataset!r}")
     _check(d.subset >= 0 and d.test_subset >= 0, "data.subset and data.test_subset must be >= 0")
     _check(d.val_images >= 0, f"data.val_images must be >= 0 (0: no validation split), got {d.val_images}")
     _check(not d.subset or d.val_images < d.subset,
@@ -399,6 +440,35 @@ def validate(cfg: Config) -> None:
     _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
     _check(o.muon_fallback in ("adamw", "nadamw"), "optim.muon_fallback must be adamw or nadamw")
+    _validate_arch(m)
+
+
+def _validate_arch(m: ModelConfig) -> None:
+    """model.arch and the keys of each backbone (SPEC 11); a key the arch does not read is refused by name."""
+    _check(m.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
+    default = ModelConfig()
+    for key, users in ARCH_KEYS.items():
+        value = getattr(m, key)
+        _check(value == getattr(default, key) or m.arch in users,
+               f"model.{key}={value!r} is not supported by model.arch={m.arch} (only by {' and '.join(users)}); "
+               f"drop it or choose model.arch={users[0]}")
+    if m.arch == "swin":
+        n, grid = len(m.swin_depths), m.img_size // m.patch_size
+        _check(len(m.swin_heads) == n, f"model.swin_heads={m.swin_heads} needs one entry per stage of "
+                                       f"model.swin_depths={m.swin_depths}")
+        _check(min(m.swin_depths) >= 1 and min(m.swin_heads) >= 1, "model.swin_depths and swin_heads must be >= 1")
+        _check(m.window_size >= 1, "model.window_size must be >= 1")
+        for i, h in enumerate(m.swin_heads):
+            size, dim = grid // 2**i, m.embed_dim * 2**i
+            _check(grid % 2**i == 0, f"swin: the {grid}x{grid} patch grid cannot be halved {i} times for stage "
+                                     f"{i + 1}; use fewer stages or a smaller model.patch_size")
+            _check(dim % h == 0, f"model.swin_heads[{i}]={h} must divide stage {i + 1}'s width {dim}")
+            _check(size <= m.window_size or size % m.window_size == 0,
+                   f"swin: stage {i + 1}'s {size}x{size} grid is not a multiple of model.window_size={m.window_size}")
+    if m.arch == "cait":
+        _check(m.class_attn_depth >= 1, "model.arch=cait needs model.class_attn_depth >= 1 (its CLS token is "
+                                        "updated only there)")
+        _check(m.layer_scale_init > 0, "model.layer_scale_init must be positive")
 
 
 def make_config(preset: str = "baseline", overrides: dict[str, object] | None = None,

@@ -1,4 +1,5 @@
-"""Datasets held as uint8 tensors: CIFAR-10/100 and SVHN (official files, checksum-verified) and image folders.
+"""Datasets held as uint8 tensors: CIFAR-10/100 and SVHN (official files, checksum-verified), Tiny-ImageNet and
+CINIC-10 (official archives, md5-checked, decoded once and cached: imagesets.py) and image folders.
 
 The CIFAR files are pickles: each one's md5 is checked *before* it is unpickled, and a mismatch refuses to load.
 SVHN is the official `train_32x32.mat` / `test_32x32.mat` pair (labels 1..10, where 10 is the digit 0).
@@ -41,7 +42,9 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, float, float]  # SPEC 5.1
     std: tuple[float, float, float]
-    layout: str = "pickle"  # pickle: CIFAR python batches in an archive | mat: SVHN .mat files, fetched one by one
+    # pickle: CIFAR python batches in an archive | mat: SVHN .mat files, fetched one by one | images: an archive of
+    # image files (imagesets.py; train_files / test_files name the split folders)
+    layout: str = "pickle"
 
 
 DATASETS = {
@@ -59,6 +62,14 @@ DATASETS = {
         "svhn", "http://ufldl.stanford.edu/housenumbers/", "",
         ("train_32x32.mat",), ("test_32x32.mat",), b"y", 10,
         (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), layout="mat"),  # the 'extra' split is not used
+    # Archive md5s as torchvision-style loaders check them; mean/std from SPEC 5.1 (CINIC-10: its README).
+    "tinyimagenet": DatasetInfo(
+        "tiny-imagenet-200", "http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de",
+        ("train",), ("val",), b"", 200, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), layout="images"),
+    "cinic10": DatasetInfo(
+        "cinic-10", "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz",
+        "6ee4d0c996905fe93221de577967a372", ("train",), ("test",), b"", 10,
+        (0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835), layout="images"),
 }
 FOLDER = "folder"  # data.dataset=folder: an ImageFolder tree at data.data_dir (see load_folder)
 
@@ -98,6 +109,7 @@ CLASS_NAMES = {
         "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm"
     ),
     "svhn": tuple(str(i) for i in range(10)),
+    "cinic10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -171,6 +183,10 @@ def _missing_message(name: str, folder: Path, missing: list[str], why: str = "")
 def verify(name: str, root: Path, download: bool = True) -> Path:
     """Check every file's md5 (downloading when missing and allowed); return the dataset folder."""
     info = DATASETS[name]
+    if info.layout == "images":  # one archive of image files: its md5, layout and image counts (imagesets.py)
+        from . import imagesets
+
+        return imagesets.locate(name, root, download)
     folder = _find_folder(root, info)
     files = info.train_files + info.test_files
     missing = [f for f in files if not (folder / f).is_file()]
@@ -217,13 +233,18 @@ def _read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def load(name: str = "cifar10", data_dir: str = "", download: bool = True, train: bool = True,
          device: torch.device | str = "cpu", img_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (images uint8 (N, 3, H, W), labels int64 (N,)) on `device`; `img_size` only resizes folder data."""
+    """Return (images uint8 (N, 3, H, W), labels int64 (N,)) on `device`; `img_size` resizes image-file datasets."""
     if name == FOLDER:
         x, y, _ = load_folder(resolve_data_dir(data_dir), "train" if train else "val", img_size)
         return x.to(device), y.to(device)
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, FOLDER])}")
     info = DATASETS[name]
+    if info.layout == "images":
+        from . import imagesets
+
+        x, y = imagesets.load(name, resolve_data_dir(data_dir), download, train, img_size)
+        return x.to(device), y.to(device)
     folder = verify(name, resolve_data_dir(data_dir), download)
     files = info.train_files if train else info.test_files
     read = _read_mat if info.layout == "mat" else functools.partial(_read_batch, label_key=info.label_key)
@@ -243,8 +264,9 @@ class DatasetMeta:
     class_names: tuple[str, ...]
 
 
-def dataset_meta(name: str, data_dir: str = "", img_size: int = 32) -> DatasetMeta:
-    """Classes, names and normalisation of a named dataset, or of the image folder at `data_dir` (name "folder")."""
+def dataset_meta(name: str, data_dir: str = "", img_size: int = 32, download: bool = False) -> DatasetMeta:
+    """Classes, names and normalisation of a named dataset, or of the image folder at `data_dir` (name "folder").
+    Tiny-ImageNet's class names come from its files (fetched first with `download`)."""
     if name == FOLDER:
         root = resolve_data_dir(data_dir)
         classes, _ = _folder_files(root, "train")
@@ -254,6 +276,10 @@ def dataset_meta(name: str, data_dir: str = "", img_size: int = 32) -> DatasetMe
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, FOLDER])}")
     info = DATASETS[name]
     names = CLASS_NAMES.get(name, tuple(str(i) for i in range(info.num_classes)))
+    if name == "tinyimagenet":
+        from . import imagesets
+
+        names = imagesets.class_names(name, imagesets.locate(name, resolve_data_dir(data_dir), download))
     return DatasetMeta(info.num_classes, info.mean, info.std, names)
 
 

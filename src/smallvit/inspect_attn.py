@@ -4,6 +4,9 @@ Maps are read with forward pre-hooks that call each block's `attention_map` on t
 so the model runs exactly as in training and evaluation. Rollout follows Abnar & Zuidema (2020): per layer,
 the head-averaged attention plus the residual identity, rows renormalised, multiplied through the layers.
 A class-attention block mixes only into the CLS rows; its patch rows are the identity (patches do not attend).
+CaiT (arch=cait, timm's class) is read through its attention dropout's input, the weights that multiply the values
+(after the talking-heads mix); its self-attention covers the patches only, so those maps gain an identity CLS row.
+Swin has no CLS token and attends within 4x4 windows, so it has no map of this kind: inspect says so.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import numpy as np
 import torch
 
 from . import data as D
+from .backbones import Cait, Swin
+from .config import ConfigError
 from .model import ViT
 
 DPI = 96
@@ -34,6 +39,11 @@ def attention_maps(model: ViT, x: torch.Tensor) -> tuple[torch.Tensor, list[tupl
 
     Q = N for self-attention blocks, Q = K (the CLS tokens) for class-attention blocks.
     """
+    if isinstance(model, Swin):
+        raise ConfigError("inspect: arch=swin has no CLS token; its window attention mixes 4x4 patches within "
+                          "shifted windows, so there is no attention map over the image. Use arch=vit or cait.")
+    if isinstance(model, Cait):
+        return _cait_maps(model, x)
     named = [(f"layer {i + 1}", b) for i, b in enumerate(model.blocks)]
     named += [(f"class-attn {i + 1}", b) for i, b in enumerate(model.cls_blocks)]
     maps: list[tuple[str, torch.Tensor]] = []
@@ -45,6 +55,37 @@ def attention_maps(model: ViT, x: torch.Tensor) -> tuple[torch.Tensor, list[tupl
     try:
         logits = model(x)
     finally:
+        for h in handles:
+            h.remove()
+    return logits, maps
+
+
+def _cait_maps(model: Cait, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    named = [(f"layer {i + 1}", b.attn) for i, b in enumerate(model.blocks)]
+    named += [(f"class-attn {i + 1}", b.attn) for i, b in enumerate(model.blocks_token_only)]
+    maps: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name):
+        def read(mod, args):
+            a = args[0].float()  # (B, h, Q, N)
+            if not name.startswith("class"):  # patches only: add the CLS token, which self-attention leaves alone
+                B, h, N, _ = a.shape
+                full = torch.zeros(B, h, N + 1, N + 1, dtype=a.dtype, device=a.device)
+                full[..., 0, 0] = 1.0
+                full[..., 1:, 1:] = a
+                a = full
+            maps.append((name, a))
+        return read
+
+    fused = [(m, m.fused_attn) for _, m in named if hasattr(m, "fused_attn")]
+    handles = [m.attn_drop.register_forward_pre_hook(hook(name)) for name, m in named]
+    try:
+        for m, _ in fused:  # the fused kernel never forms the weights; the unfused path computes the same output
+            m.fused_attn = False
+        logits = model(x)
+    finally:
+        for m, f in fused:
+            m.fused_attn = f
         for h in handles:
             h.remove()
     return logits, maps

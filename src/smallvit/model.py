@@ -209,8 +209,11 @@ class ViT(nn.Module):
         return self.head(f)  # (B, num_classes)
 
 
-def build_model(cfg: ModelConfig) -> ViT:
-    return ViT(cfg)
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model of `cfg.arch`: this file's ViT, or timm's Swin / CaiT (backbones.py)."""
+    from .backbones import build_model as build  # backbones.py imports ViT from here
+
+    return build(cfg)
 
 
 def count_params(model: nn.Module) -> int:
@@ -226,7 +229,9 @@ def flops_per_image(model: nn.Module) -> int:
     x = torch.zeros(1, c.in_chans, c.img_size, c.img_size, device=next(model.parameters()).device)
     was = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    # Not under no_grad: the counter's module tracker fails on timm's CaiT there (an expanded parameter
+    # that requires grad without a grad_fn); the forward's graph is discarded.
+    with FlopCounterMode(display=False) as fc:
         model(x)
     model.train(was)
     return int(fc.get_total_flops())

@@ -21,19 +21,23 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
     return floor + (peak - floor) * (1 + math.cos(math.pi * t)) / 2
 
 
-def _is_no_decay(name: str, p: nn.Parameter) -> bool:
-    return p.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
+def _no_decay(name: str, p: nn.Parameter, skip: frozenset[str] = frozenset()) -> bool:
+    return p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) or name in skip
 
 
-def _is_muon(name: str, p: nn.Parameter) -> bool:
+def _muon(name: str, p: nn.Parameter, skip: frozenset[str] = frozenset()) -> bool:
     # Hidden 2-D matrices go to Muon. The patch embedding (a conv, the input layer), the tokens, the
     # position embedding, the head and every 1-D tensor go to AdamW (fixes SPEC bug 9, where the
-    # substring "fc" sent every MLP weight to AdamW and the 3-D cls_token to Muon).
-    return p.ndim == 2 and not name.startswith(("head", "patch_embed", "pos_embed", "cls_token"))
+    # substring "fc" sent every MLP weight to AdamW and the 3-D cls_token to Muon). So do the tensors the model
+    # names in no_weight_decay() (Swin's relative-position bias tables are 2-D but are not weight matrices).
+    return p.ndim == 2 and not name.startswith(("head", "patch_embed", "pos_embed", "cls_token")) and name not in skip
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Groups with a `peak_lr` each; the schedule scales every group's lr by the same factor."""
+    skip = frozenset(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else frozenset()
+    _is_no_decay = functools.partial(_no_decay, skip=skip)
+    _is_muon = functools.partial(_muon, skip=skip)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.name == "muon":
         muon = [p for n, p in params if _is_muon(n, p)]

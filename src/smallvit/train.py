@@ -135,7 +135,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         wandb_log.check_installed()
 
     # ---- data: the whole dataset as uint8 on the device (each rank reads its own copy)
-    info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, m.img_size)  # num_classes, mean, std, class_names
+    info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, m.img_size,  # num_classes, mean, std, class_names
+                          download=cfg.data.download)
     if m.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes={m.num_classes} but {cfg.data.dataset} has {info.num_classes} classes")
     if world > 1 and cfg.data.download and cfg.data.dataset != D.FOLDER:

@@ -1,0 +1,181 @@
+"""model.arch = vit | swin | cait: reference shapes (SPEC 11), every command on every arch, refused knobs."""
+
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import smallvit
+from conftest import smoke_config
+from smallvit import data as D
+from smallvit.ablate import STUDIES, plan
+from smallvit.backbones import Cait, Swin
+from smallvit.cli import main
+from smallvit.config import ABLATIONS, PRESETS, ConfigError, make_config
+from smallvit.evaluate import evaluate_run
+from smallvit.export import run_exported
+from smallvit.inspect_attn import attention_maps, rollout
+from smallvit.model import ViT, build_model, count_params, flops_per_image
+from smallvit.optim import param_groups
+from smallvit.runs import load_checkpoint
+
+# Tiny shapes through config keys only. The Swin has two stages (16x16 then 8x8 tokens, window 4), so its second
+# stage has a shifted block with the attention mask; the CaiT has talking heads and one class-attention block.
+TINY = {
+    "vit": {},
+    "swin": {"model.arch": "swin", "model.embed_dim": 16, "model.patch_size": 2, "model.swin_depths": "1,2",
+             "model.swin_heads": "1,2"},
+    "cait": {"model.arch": "cait", "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2,
+             "model.class_attn_depth": 1},
+}
+ARCHS = list(TINY)
+
+
+def _json(text: str):
+    return json.loads(text[text.find("{"):])
+
+
+@pytest.mark.parametrize("preset,cls,params,gflops", [("swin", Swin, 7_048_612, 0.4819),
+                                                       ("cait", Cait, 8_053_450, 1.0096)])
+def test_reference_shapes_and_parameter_counts(preset, cls, params, gflops):
+    # Pinned with timm 1.0.31 (SPEC 11: 7.05 M and 8.05 M for CIFAR-10); another timm may build them differently.
+    assert timm.__version__ == "1.0.31", f"counts pinned with timm 1.0.31, this is {timm.__version__}"
+    model = build_model(make_config(preset).model)
+    assert type(model) is cls and count_params(model) == params
+    assert flops_per_image(model) / 1e9 == pytest.approx(gflops, abs=1e-4)
+
+
+def test_swin_follows_spec_11_1():
+    m = build_model(make_config("swin").model)
+    blocks = [b for stage in m.layers for b in stage.blocks]
+    assert [len(s.blocks) for s in m.layers] == [2, 6, 4]
+    assert [s.blocks[0].attn.num_heads for s in m.layers] == [3, 6, 12]
+    assert m.patch_embed.grid_size == (16, 16) and m.num_features == 384 and m.head.global_pool.pool_type == "avg"
+    # odd blocks shifted by window // 2; the last stage is 4x4 = one window, so unshifted
+    assert [tuple(b.shift_size) for b in blocks] == [(0, 0), (2, 2)] * 4 + [(0, 0)] * 4
+    assert all(tuple(b.window_size) == (4, 4) for b in blocks)
+    assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks] == pytest.approx([0.1 * i / 11 for i in range(12)])
+    assert all(n.eps == 1e-6 for n in m.modules() if isinstance(n, torch.nn.LayerNorm))
+    assert blocks[0].mlp.fc1.out_features == 2 * 96  # MLP ratio 2
+
+
+def test_cait_follows_spec_11_2():
+    m = build_model(make_config("cait").model)
+    assert len(m.blocks) == 24 and len(m.blocks_token_only) == 2 and m.pos_embed.shape == (1, 64, 192)
+    assert all(b.drop_path.drop_prob == 0.1 for b in m.blocks)  # constant, not linear
+    assert all(torch.all(b.gamma_1 == 1e-5) for b in list(m.blocks) + list(m.blocks_token_only))
+    assert m.blocks[0].attn.proj_l.in_features == 4  # talking heads: a mix across the 4 heads
+    assert m.blocks[0].mlp.fc1.out_features == 384 and m.blocks_token_only[0].mlp.fc1.out_features == 768
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_backward_every_parameter_gets_a_gradient(arch):
+    torch.manual_seed(0)
+    cfg = make_config("smoke", TINY[arch])
+    model = build_model(cfg.model)
+    out = model(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing, f"{arch}: no gradient for {missing}"
+
+
+def test_vit_only_knobs_are_refused_naming_knob_and_arch():
+    for arch in ("swin", "cait"):
+        for key, value in [("model.latent", "qkv"), ("model.num_cls_tokens", 2), ("model.class_attn", "cait"),
+                           ("model.pos_embed", "sincos"), ("model.patch_init", "whiten")]:
+            with pytest.raises(ConfigError, match=rf"{key}=.*model\.arch={arch}"):
+                make_config(arch, {key: value})
+    with pytest.raises(ConfigError, match=r"model.class_attn_depth=2 .*model.arch=swin"):
+        make_config("swin", {"model.class_attn_depth": 2})
+    with pytest.raises(ConfigError, match=r"model.window_size=8 .*model.arch=vit"):
+        make_config("baseline", {"model.window_size": 8})
+    with pytest.raises(ConfigError, match="model.arch must be one of vit, swin, cait"):
+        make_config("baseline", {"model.arch": "resnet"})
+    with pytest.raises(ConfigError, match="one entry per stage"):
+        make_config("swin", {"model.swin_heads": "3,6"})
+    with pytest.raises(ConfigError, match="multiple of model.window_size"):
+        make_config("swin", {"model.window_size": 3})
+    assert make_config("swin", {"model.swin_depths": "1,1,1,1", "model.swin_heads": "1,2,4,8"}).model.swin_depths \
+        == (1, 1, 1, 1)  # any number of stages, from the CLI's comma syntax
+
+
+def test_swin_bias_tables_get_no_decay_and_no_muon():
+    model = build_model(make_config("smoke", TINY["swin"]).model)
+    tables = {id(p) for n, p in model.named_parameters() if "relative_position_bias_table" in n}
+    cfg = make_config("smoke", {"optim.name": "muon", "optim.decay_all": False})
+    groups = {g["kind"]: {id(p) for p in g["params"]} for g in param_groups(model, cfg.optim)}
+    assert tables and tables <= groups["adamw-no-decay"] and not tables & groups["muon"]
+
+
+def test_archs_study_and_presets():
+    assert STUDIES["archs"] == ["baseline", "swin", "cait"] and ABLATIONS["swin"] == PRESETS["swin"]
+    runs = plan("archs", 1, "mini")
+    assert [c.model.arch for _, _, c in runs] == ["vit", "swin", "cait"]
+
+
+@pytest.mark.parametrize("arch", ["swin", "cait"])
+def test_train_resume_eval_predict_export_info(arch, cifar, tmp_path, capsys, one_thread):
+    over = {**TINY[arch], "aug.autoaugment": "none"}
+    full = smoke_config(cifar, **over)
+    r = smallvit.train(full, tmp_path / "full")
+    assert r["status"] == "done" and r["params"] == count_params(build_model(full.model))
+    smallvit.train(smoke_config(cifar, **over, **{"train.max_steps": 3}), tmp_path / "resumed")
+    smallvit.train(full, tmp_path / "resumed", resume=True)
+    a, b = (load_checkpoint(tmp_path / d)["model"] for d in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume differs from one run"
+
+    report = evaluate_run(tmp_path / "full", tta_flip=True, device="cpu")
+    assert report["test_acc"] == pytest.approx(r["final_test_acc"]) and "test_acc_tta_flip" in report
+    img = tmp_path / "x.png"
+    Image.fromarray(torch.randint(0, 255, (40, 50, 3), dtype=torch.uint8).numpy()).save(img)
+    assert main(["predict", str(tmp_path / "full"), str(img), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] in D.CLASS_NAMES["cifar10"]
+
+    assert main(["export", str(tmp_path / "full"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert _json(capsys.readouterr().out)["max_abs_diff"] <= 1e-4
+    model, preprocess, _ = smallvit.load(tmp_path / "full")
+    xb = preprocess(D.load("cifar10", str(cifar), download=False, train=False)[0][:5])  # another batch size
+    with torch.no_grad():
+        torch.testing.assert_close(run_exported(tmp_path / "m.onnx", "onnx", xb), model(xb), atol=1e-4, rtol=0)
+    for fmt, name in (("torchscript", "m.ts"), ("torch.export", "m.pt2")):
+        assert main(["export", str(tmp_path / "full"), "--format", fmt, "--out", str(tmp_path / name)]) == 0
+        assert _json(capsys.readouterr().out)["max_abs_diff"] <= 1e-4
+
+    assert main(["info", "--preset", "smoke", "--set", *[f"{k}={v}" for k, v in TINY[arch].items()]]) == 0
+    info = _json(capsys.readouterr().out)
+    assert info["params"] == r["params"] and info["gflops_per_image_forward"] > 0
+
+
+def test_info_prints_params_and_flops_of_the_swin_preset(capsys):
+    assert main(["info", "--preset", "swin"]) == 0
+    info = _json(capsys.readouterr().out)
+    assert info["params"] == 7_048_612 and info["gflops_per_image_forward"] == pytest.approx(0.4819, abs=1e-4)
+
+
+def test_inspect_cait_maps_and_swin_message(cifar, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model(make_config("smoke", TINY["cait"]).model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    logits, maps = attention_maps(model, x)
+    assert torch.equal(logits, want) and [n for n, _ in maps] == ["layer 1", "layer 2", "class-attn 1"]
+    N = 1 + 64  # the CLS row is added to the patches-only self-attention maps
+    assert maps[0][1].shape == (2, 2, N, N) and maps[2][1].shape == (2, 2, 1, N)
+    assert model.blocks_token_only[0].attn.fused_attn == timm.layers.use_fused_attn()  # restored
+    assert torch.isfinite(rollout([a for _, a in maps], 1)).all()
+    for arch in ("cait", "swin"):
+        run = tmp_path / arch
+        smallvit.train(smoke_config(cifar, **TINY[arch], **{"train.max_steps": 1}), run)
+        code = main(["inspect", str(run), "--images", "1", "--out", str(tmp_path / f"attn-{arch}")])
+        if arch == "cait":
+            assert code == 0 and (tmp_path / "attn-cait" / "rollout.png").is_file()
+        else:
+            assert code == 2 and "window attention" in capsys.readouterr().err
+
+
+def test_vit_is_still_the_default():
+    assert type(build_model(make_config("baseline").model)) is ViT
