@@ -135,14 +135,14 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         wandb_log.check_installed()
 
     # ---- data: the whole dataset as uint8 on the device (each rank reads its own copy)
-    info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, m.img_size,  # num_classes, mean, std, class_names
-                          download=cfg.data.download)
-    if m.num_classes != info.num_classes:
-        raise ConfigError(f"model.num_classes={m.num_classes} but {cfg.data.dataset} has {info.num_classes} classes")
     if world > 1 and cfg.data.download and cfg.data.dataset != D.FOLDER:
         # Rank 0 checks the files and downloads what is missing while the others wait (no two ranks writing one
         # folder at once); then every rank loads, checking the md5s again.
         dist_.on_rank0(lambda: bool(D.load(cfg.data.dataset, cfg.data.data_dir, True, train=False)), world)
+    info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, m.img_size,  # num_classes, mean, std, class_names
+                          download=cfg.data.download)
+    if m.num_classes != info.num_classes:
+        raise ConfigError(f"model.num_classes={m.num_classes} but {cfg.data.dataset} has {info.num_classes} classes")
     (x_train, y_train), (x_test, y_test) = dist_.on_every_rank(lambda: (
         D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=True, device=device,
                img_size=m.img_size),
