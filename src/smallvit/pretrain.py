@@ -294,6 +294,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
                 h, hm = sums[1] / c, sums[2] / c
                 records.log(step, loss=sums[0] / c, lr=lr, weight_decay=wd, momentum=ema.decay, teacher_temp=temp,
                             teacher_entropy=h, teacher_marginal_entropy=hm, teacher_mi=hm - h,
+                            student_kl=sums[0] / c - h,  # loss = teacher entropy + KL(teacher || student)
                             center_norm=center.norm().item(), center_drift=(center - center_ref).norm().item(),
                             img_per_s=ips, epoch=step / spe)
                 if bar is not None:
