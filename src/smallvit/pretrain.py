@@ -38,7 +38,7 @@ from .optim import build_optimizer, lr_at, schedule_factor, set_lr
 from .runs import CHECKPOINT, Records, TrainingError, atomic_write_json, environment, load_model_state
 from .runs import remove_stale_temps, save_checkpoint, truncate_metrics
 from .train import BatchOrder, _check_each_step, _nonfinite_msg, _read_resume_state, _sync, load_data, open_run
-from .train import run_guarded, step_plan
+from .train import finish_run, run_guarded, step_plan
 
 
 class DINOHead(nn.Module):
@@ -325,25 +325,8 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
         records.close()
 
     interrupted = stopping and step < last_step
-    result = {
-        "status": "interrupted" if interrupted else ("done" if step >= total_steps else "stopped_at_max_steps"),
-        "kind": "dino",
-        "init_knn_acc": history[0]["knn_acc"] if history and history[0]["step"] == 0 else None,
-        "final_knn_acc": history[-1]["knn_acc"] if history else float("nan"),
-        "best_knn_acc": best,
-        "step": step,
-        "total_steps": total_steps,
-        "epochs_done": step / spe,
-        "train_img_per_s": seen / timed if timed > 0 else None,
-        "train_seconds": timed,
-        "wall_seconds": wall_before + time.perf_counter() - wall_start,
-        "params": count_params(teacher.backbone),
-        "device": environment(device)["device"],
-        "world_size": world,
-        "precision": precision,
-        "run_dir": str(out),
-        "overrides": diff(cfg),
-    }
-    if not interrupted:
-        dist_.on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
-    return result
+    result = {"kind": "dino", "init_knn_acc": history[0]["knn_acc"] if history and history[0]["step"] == 0 else None,
+              "final_knn_acc": history[-1]["knn_acc"] if history else float("nan"), "best_knn_acc": best}
+    return finish_run(cfg, out, result, interrupted, step, total_steps, spe, seen, timed,
+                      wall_before + time.perf_counter() - wall_start, device, world, precision,
+                      params=count_params(teacher.backbone))

@@ -312,19 +312,28 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
 
     interrupted = stopping and step < last_step  # a signal during the last step still ends a complete run
     final_acc = history[-1]["test_acc"] if history else float("nan")
+    result = {"final_test_acc": final_acc, "best_test_acc": best_acc}
+    return finish_run(cfg, out, result, interrupted, step, total_steps, spe, seen, timed,
+                      wall_before + time.perf_counter() - wall_start, device, world, precision,
+                      first_step_seconds=first_step_seconds,  # of this (re)start: compilation, warm-up, first aug.
+                      params=n_params, flops_per_image=flops)
+
+
+def finish_run(cfg: Config, out: Path, result: dict, interrupted: bool, step: int, total_steps: int, spe: int,
+               seen: float, timed: float, wall_seconds: float, device: torch.device, world: int, precision: str,
+               **extra) -> dict:
+    """The result dict (status, the loop's own numbers in `result`, steps, throughput, environment), also written
+    to result.json unless the run was interrupted."""
     result = {
         "status": "interrupted" if interrupted else ("done" if step >= total_steps else "stopped_at_max_steps"),
-        "final_test_acc": final_acc,
-        "best_test_acc": best_acc,
+        **result,
         "step": step,
         "total_steps": total_steps,
         "epochs_done": step / spe,
         "train_img_per_s": seen / timed if timed > 0 else None,
         "train_seconds": timed,
-        "first_step_seconds": first_step_seconds,  # of this (re)start: compilation, warm-up, first augmentation
-        "wall_seconds": wall_before + time.perf_counter() - wall_start,
-        "params": n_params,
-        "flops_per_image": flops,
+        "wall_seconds": wall_seconds,
+        **extra,
         "device": environment(device)["device"],
         "world_size": world,
         "precision": precision,
