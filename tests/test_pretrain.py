@@ -246,3 +246,23 @@ def test_no_collapse_on_real_images_and_the_monitor_sees_one(tmp_path):
         assert 1.0 < x["teacher_entropy"] < log_k - 0.5 and x["teacher_mi"] > 0.2, x
     for x in runs["collapsed"]:
         assert x["teacher_entropy"] > log_k - 0.05 and x["teacher_mi"] < 0.02, x
+
+
+@pytest.mark.parametrize("setting, message", [("ssl.global_scale=0.8,0.5", "ssl.global_scale"),
+                                              ("ssl.local_size=6", "multiple of model.patch_size"),
+                                              ("ssl.global_crops=1", "ssl.global_crops"),
+                                              ("ssl.blur_p=0.5,1.5,0", "probabilities")])
+def test_bad_ssl_settings_are_one_clear_error(setting, message):
+    from smallvit.config import ConfigError, parse_overrides
+
+    with pytest.raises(ConfigError, match=message):
+        make_config("pretrain", parse_overrides([setting]))
+
+
+def test_pretrain_and_finetune_presets_are_the_parent_projects_recipe():
+    p, f = make_config("pretrain"), make_config("finetune")
+    assert (p.model.embed_dim, p.model.depth, p.model.num_heads, p.model.patch_size) == (192, 9, 12, 4)
+    assert (p.train.epochs, p.train.batch_size, p.optim.lr, p.optim.warmup_epochs) == (200, 512, 1e-4, 30)
+    assert (p.ssl.out_dim, p.ssl.local_crops, p.ssl.global_scale, p.ssl.local_scale) == (1024, 8, (0.7, 1.0),
+                                                                                         (0.2, 0.5))
+    assert f.model == p.model and f.train.epochs == 100 and f.train.batch_size == 256
