@@ -13,7 +13,7 @@ from smallvit import pretrain as P
 from smallvit.cli import main
 from smallvit.config import SSLConfig, make_config
 from smallvit.knn import knn_predict
-from smallvit.multicrop import MultiCrop, crop_boxes, shift_hue
+from smallvit.multicrop import MultiCrop, crop_boxes, gaussian_blur, shift_hue
 from smallvit.runs import load_checkpoint, read_metrics
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -71,6 +71,15 @@ def test_hue_shift_matches_torchvision():
     x = torch.rand(3, 3, 8, 8)
     for h in (-0.3, 0.1, 0.45):
         assert (shift_hue(x, torch.full((3,), h)) - TF.adjust_hue(x, h)).abs().max() < 1e-5
+
+
+def test_blur_matches_torchvision_and_sigma_zero_is_identity():
+    import torchvision.transforms.v2.functional as TF
+
+    x = torch.rand(3, 3, 16, 16)
+    out = gaussian_blur(x, torch.tensor([1.0, 0.0, 1.0]), max_sigma=1.0)
+    assert (out[0] - TF.gaussian_blur(x[0], [7, 7], [1.0, 1.0])).abs().max() < 1e-5
+    assert torch.equal(out[1], x[1])
 
 
 def test_dino_loss_pairs_every_teacher_view_with_the_other_views():

@@ -85,10 +85,11 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per sample (sigma 0: unchanged), reflect padding; (n, C, H, W)."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma (<= max_sigma) per sample (sigma 0: unchanged), reflect padding;
+    (n, C, H, W). The kernel radius comes from max_sigma, not from the drawn sigmas: no host sync on a GPU."""
     n, C, H, W = x.shape
-    r = min(math.ceil(3 * float(sigma.max())), H - 1, W - 1)
+    r = min(math.ceil(3 * max_sigma), H - 1, W - 1)
     if r < 1:
         return x
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
@@ -153,7 +154,7 @@ class MultiCrop:
         grey = (rand() < c.grey_p).view(-1, 1, 1, 1)
         y = torch.where(grey, _grey(y).expand_as(y), y)
         sigma = torch.empty(n, device=dev).uniform_(*c.blur_sigma, generator=g)
-        y = gaussian_blur(y, torch.where(rand() < blur_p, sigma, 0.0))
+        y = gaussian_blur(y, torch.where(rand() < blur_p, sigma, 0.0), c.blur_sigma[1])
         solar = (rand() < solar_p).view(-1, 1, 1, 1)
         y = torch.where(solar & (y >= 128 / 255), 1 - y, y)  # PIL ImageOps.solarize: threshold 128
         return (y - self.mean) / self.std
