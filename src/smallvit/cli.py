@@ -1,4 +1,5 @@
-"""The `smallvit` command: train, eval, info, ablations, ablate, report, predict, export, profile, inspect."""
+"""The `smallvit` command: train, eval, info, ablations, ablate, report, predict, export, profile, inspect, pretrain,
+knn."""
 
 from __future__ import annotations
 
@@ -181,6 +182,38 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+    from .train import default_run_dir
+
+    cfg = _build(args)
+    out = Path(args.out) if args.out else default_run_dir(cfg, "runs/pretrain")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        print(f"run folder: {out}")
+    result = pretrain(cfg, out, resume=args.resume)
+    if result["status"] == "interrupted":
+        sys.stdout.write(f"interrupted at step {result['step']}; resume with the same command plus --resume\n")
+        sys.stdout.flush()
+        return 130
+    if main_rank:
+        print(f"k-NN accuracy {result['final_knn_acc']:.2f}% (at init {result['init_knn_acc']}, best "
+              f"{result['best_knn_acc']:.2f}%) after {result['epochs_done']:.2f} epochs; fine-tune with "
+              f"smallvit train --preset finetune --set train.init_from={out}")
+        print(json.dumps({k: result[k] for k in ("init_knn_acc", "final_knn_acc", "best_knn_acc", "step",
+                                                 "wall_seconds", "train_img_per_s")}))
+    return 0
+
+
+def cmd_knn(args) -> int:
+    from .knn import knn_run
+
+    report = knn_run(args.run, k=args.k, temperature=args.temperature, train_images=args.train_images,
+                     test_images=args.test_images, data_dir=args.data_dir, device=args.device)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -277,6 +310,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="output folder (default: RUN/attention)")
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("pretrain", help="DINO self-supervised pre-training on the training images (ssl.* keys)")
+    _config_args(p)
+    p.add_argument("--out", default=None, help="run folder (default: runs/pretrain/<diff-from-baseline>/seed<N>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("knn", help="weighted k-NN accuracy of a run's features (a pretrain run's teacher)")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--k", type=int, default=None, help="neighbours (default: the run's ssl.knn_k)")
+    p.add_argument("--temperature", type=float, default=None, help="vote temperature (default: ssl.knn_temp)")
+    p.add_argument("--train-images", type=int, default=0, help="bank of the first N training images (0: all)")
+    p.add_argument("--test-images", type=int, default=0, help="the first N test images (0: all)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_knn)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     for i in range(len(argv) - 1):  # ablation names such as "-aa" start with a dash: keep them as values

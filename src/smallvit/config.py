@@ -140,12 +140,54 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SSLConfig:
+    """DINO self-supervised pre-training (`smallvit pretrain`, pretrain.py). Defaults are the parent project's
+    (hananshafi/vits-for-small-scale-datasets: train_ssl.py, projection_head.py, README's CIFAR command), which
+    descend from facebookresearch/dino (main_dino.py, utils.py); a comment names the source of each."""
+
+    out_dim: int = 1024  # README CIFAR command --out_dim 1024 (DINO: 65536 for ImageNet)
+    head_hidden_dim: int = 512  # projection_head.MLPHead hidden_dim (DINO: 2048)
+    head_bottleneck_dim: int = 256  # projection_head.MLPHead bottleneck_dim, as DINO
+    head_layers: int = 3  # projection_head.MLPHead nlayers, as DINO
+    # Weight-normalised last layer with its norm fixed at 1 (DINO's default). train_ssl.py passes False to the
+    # teacher only; the student keeps MLPHead's default True, and the teacher's norm is the EMA of the student's
+    # fixed 1, so the reference effectively runs with True.
+    norm_last_layer: bool = True
+    momentum_teacher: float = 0.996  # train_ssl.py --momentum_teacher, raised to 1 by a cosine over the run
+    warmup_teacher_temp: float = 0.04  # train_ssl.py: teacher temperature 0.04 -> 0.07, linear per epoch
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 10  # train_ssl.py --warmup_teacher_temp_epochs
+    student_temp: float = 0.1  # train_ssl.py ViewPredLoss student_temp
+    center_momentum: float = 0.9  # train_ssl.py ViewPredLoss center_momentum
+    weight_decay_end: float = 0.4  # cosine from optim.weight_decay (0.04 in the pretrain preset) to this
+    clip_grad: float = 3.0  # train_ssl.py --clip_grad: each tensor's gradient norm clipped alone (DINO utils)
+    freeze_last_layer_epochs: int = 1  # train_ssl.py --freeze_last_layer
+    global_crops: int = 2  # train_ssl.py: two global views, the only ones the teacher sees
+    global_scale: tuple[float, float] = (0.7, 1.0)  # README CIFAR command (train_ssl.py default 0.5-1 for 64 px)
+    local_crops: int = 8  # README CIFAR command --local_crops_number 8
+    local_scale: tuple[float, float] = (0.2, 0.5)  # README CIFAR command (Tiny-ImageNet: 0.2-0.4)
+    local_size: int = 0  # 0: model.img_size // 2, as train_ssl.py (16 px local crops for 32-px images)
+    # train_ssl.py DataAugmentation (DINO's): ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, grey p 0.2, Gaussian
+    # blur sigma 0.1-2 with p 1.0 / 0.1 / 0.5 (global 1 / global 2 / local), solarize p 0.2 on global 2 only.
+    jitter_p: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    grey_p: float = 0.2
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2
+    knn_k: int = 20  # the k-NN monitor: DINO eval_knn.py's k = 20, cosine, temperature 0.07 weighted votes
+    knn_temp: float = 0.07
+    knn_train_images: int = 0  # >0: k-NN bank of the first N training images only (faster monitoring)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)  # used by `smallvit pretrain` only
 
 
 # The reference's other backbones at its shapes for 32-px input (SPEC 11): the rest of the recipe is the baseline's.
@@ -214,6 +256,25 @@ PRESETS: dict[str, dict[str, object]] = {
     "tinyimagenet": {"data.dataset": "tinyimagenet", "model.num_classes": 200, "model.img_size": 64,
                      "aug.autoaugment": "imagenet"},
     "cinic10": {"data.dataset": "cinic10", "model.num_classes": 10, "aug.autoaugment": "cifar10"},
+    # DINO pre-training on the training images (smallvit pretrain): the parent project's CIFAR recipe
+    # (README: ViT 192/9/12, patch 4, batch 256 per GPU on 2 GPUs; train_ssl.py: 200 epochs, lr 1e-4 per 512
+    # images with 30 warm-up epochs, weight decay 0.04 -> 0.4, no decay on biases and norms). The ssl.* defaults
+    # carry the rest. Fine-tune with the finetune preset and train.init_from=RUN.
+    "pretrain": {
+        "model.depth": 9,
+        "aug.repeats": 1,
+        "optim.lr": 1e-4,
+        "optim.min_lr": 1e-6,
+        "optim.weight_decay": 0.04,
+        "optim.decay_all": False,
+        "optim.warmup_epochs": 30,
+        "train.epochs": 200,
+        "train.batch_size": 512,
+        "train.eval_every_epochs": 10,
+    },
+    # The parent project's fine-tuning (finetune.py defaults: 100 epochs, 10 warm-up, batch 256, lr 1e-3, the same
+    # augmentation as the baseline) on the pre-trained 9-block backbone.
+    "finetune": {"model.depth": 9},
 }
 
 
@@ -440,6 +501,28 @@ def validate(cfg: Config) -> None:
     _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
     _check(o.muon_fallback in ("adamw", "nadamw"), "optim.muon_fallback must be adamw or nadamw")
+    s = cfg.ssl
+    _check(min(s.out_dim, s.head_hidden_dim, s.head_bottleneck_dim, s.head_layers) >= 1,
+           "ssl.out_dim, ssl.head_hidden_dim, ssl.head_bottleneck_dim and ssl.head_layers must be >= 1")
+    _check(0.0 <= s.momentum_teacher <= 1.0 and 0.0 <= s.center_momentum <= 1.0,
+           "ssl.momentum_teacher and ssl.center_momentum must be in [0, 1]")
+    _check(min(s.warmup_teacher_temp, s.teacher_temp, s.student_temp) > 0, "ssl temperatures must be positive")
+    _check(s.warmup_teacher_temp_epochs >= 0 and s.freeze_last_layer_epochs >= 0,
+           "ssl.warmup_teacher_temp_epochs and ssl.freeze_last_layer_epochs must be >= 0")
+    _check(s.weight_decay_end >= 0 and s.clip_grad >= 0, "ssl.weight_decay_end and ssl.clip_grad must be >= 0")
+    _check(s.global_crops >= 2, "ssl.global_crops must be >= 2 (each teacher view teaches the other views)")
+    _check(s.local_crops >= 0 and s.local_size >= 0, "ssl.local_crops and ssl.local_size must be >= 0")
+    for name, (lo, hi) in (("global_scale", s.global_scale), ("local_scale", s.local_scale)):
+        _check(0 < lo <= hi <= 1, f"ssl.{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {(lo, hi)}")
+    local = s.local_size or m.img_size // 2
+    _check(s.local_crops == 0 or local % m.patch_size == 0,
+           f"ssl local crops of {local} px must be a multiple of model.patch_size={m.patch_size}; set ssl.local_size")
+    _check(all(0 <= p <= 1 for p in (s.jitter_p, s.grey_p, s.solarize_p, *s.blur_p)),
+           "ssl.jitter_p, ssl.grey_p, ssl.solarize_p and ssl.blur_p must be probabilities in [0, 1]")
+    _check(min(s.jitter) >= 0 and s.jitter[3] <= 0.5, "ssl.jitter must be >= 0, with hue <= 0.5")
+    _check(0 < s.blur_sigma[0] <= s.blur_sigma[1], "ssl.blur_sigma must be (lo, hi) with 0 < lo <= hi")
+    _check(s.knn_k >= 1 and s.knn_temp > 0 and s.knn_train_images >= 0,
+           "ssl.knn_k must be >= 1, ssl.knn_temp > 0, ssl.knn_train_images >= 0")
     _validate_arch(m)
 
 

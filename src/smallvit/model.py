@@ -190,9 +190,17 @@ class ViT(nn.Module):
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> token sequence after the embedding (B, K + N, D)."""
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.patch_embed(x)  # (B, D, h, w)
+        pos = self.pos_embed
+        if x.shape[-2:] != (self.grid, self.grid):  # another resolution (DINO's local crops): resample the table
+            from timm.layers import resample_abs_pos_embed
+
+            # bicubic without antialiasing, as DINO's interpolate_pos_encoding (vision_transformer.py)
+            pos = resample_abs_pos_embed(pos, list(x.shape[-2:]), [self.grid, self.grid], self.num_cls,
+                                         antialias=False)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, K, D)
-        return torch.cat([cls, x], dim=1) + self.pos_embed
+        return torch.cat([cls, x], dim=1) + pos
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The K CLS features after the final norm (B, K, D)."""

@@ -91,6 +91,12 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, 
     The result dict holds the final and best test accuracy, steps, wall time, throughput, params and FLOPs.
     SIGINT/SIGTERM/SIGUSR2 finish the current step, write a checkpoint and return with status "interrupted".
     """
+    return run_guarded(cfg.train.device, functools.partial(_train, cfg, out_dir, resume, step_hook=step_hook))
+
+
+def run_guarded(device_cfg: str, body) -> dict:
+    """Run body(rank, world, device, stop) under torchrun set-up, with SIGINT/SIGTERM/SIGUSR2 in stop["signal"]
+    (the body checkpoints and returns) and OSErrors turned into one TrainingError line. Shared with pretrain.py."""
     stop = {"signal": None}
 
     def on_signal(signum, frame):
@@ -104,8 +110,8 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, 
     old_handlers = {s: signal.signal(s, on_signal) for s in stop_signals} if in_main_thread else {}
     created_group = False
     try:
-        rank, world, device, created_group = dist_.setup(cfg.train.device)
-        return _train(cfg, out_dir, resume, rank, world, device, stop, step_hook)
+        rank, world, device, created_group = dist_.setup(device_cfg)
+        return body(rank, world, device, stop)
     except OSError as e:  # a full disk or a permission problem outside the checkpoint writer: one line, no traceback
         raise TrainingError(f"{e.filename or 'I/O error'}: {e.strerror or e}. Checkpoints already written are "
                             f"intact; fix the cause and run the same command with --resume.") from None
@@ -120,15 +126,9 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
            step_hook=None) -> dict:
     t, m, o, a = cfg.train, cfg.model, cfg.optim, cfg.aug
     main = rank == 0
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    if t.batch_size % world:
-        raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be divisible by the "
-                          f"{world} processes; choose a multiple of {world}")
     every = t.checkpoint_every_steps  # 0: checkpoints only at evaluations and signals
-    out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    out, finished = open_run(cfg, out_dir, resume, world)
     ckpt_path = out / CHECKPOINT
-    finished = dist_.on_rank0(lambda: _check_run_folder(out, cfg, resume), world)
     if finished is not None:  # resuming a run that already ended: nothing to do, and its records stay as they are
         return finished
     if t.wandb_project and main:
@@ -143,31 +143,13 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                           download=cfg.data.download)
     if m.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes={m.num_classes} but {cfg.data.dataset} has {info.num_classes} classes")
-    (x_train, y_train), (x_test, y_test) = dist_.on_every_rank(lambda: (
-        D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=True, device=device,
-               img_size=m.img_size),
-        D.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, train=False, device=device,
-               img_size=m.img_size)), world)
-    if cfg.data.subset:
-        x_train, y_train = x_train[: cfg.data.subset], y_train[: cfg.data.subset]
-    if cfg.data.test_subset:
-        x_test, y_test = x_test[: cfg.data.test_subset], y_test[: cfg.data.test_subset]
-    split, x_eval, y_eval = "test", x_test, y_test  # what the evaluations during training measure
-    if cfg.data.val_images:  # held out of training; the test set is then evaluated once, at the end
-        keep, held = (i.to(device) for i in D.val_split(y_train, cfg.data.val_images, cfg.data.val_seed))
-        split, x_eval, y_eval = "val", x_train[held], y_train[held]
-        x_train, y_train = x_train[keep], y_train[keep]
+    (x_train, y_train), (x_test, y_test), val = load_data(cfg, device, world)
+    # what the evaluations during training measure: with a validation split, the test set is seen once, at the end
+    split, (x_eval, y_eval) = ("val", val) if val is not None else ("test", (x_test, y_test))
     mean = torch.tensor(info.mean, device=device)
     std = torch.tensor(info.std, device=device)
     n = len(x_train)
-    spe = D.steps_per_epoch(n, a.repeats, t.batch_size)
-    if spe == 0:
-        raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {n * a.repeats} samples per epoch")
-    total_steps = t.epochs * spe
-    warmup_steps = o.warmup_epochs * spe
-    last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
-    eval_steps = {e * spe for e in range(1, t.epochs + 1) if t.eval_every_epochs and e % t.eval_every_epochs == 0}
-    eval_steps = {s for s in eval_steps if s < last_step} | {last_step}  # always evaluate the end (SPEC bug 11)
+    spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, n)
 
     # ---- model and optimiser
     torch.manual_seed(t.seed)
@@ -270,19 +252,9 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
     wall_start = time.perf_counter()
     first_step_seconds = None
-    epoch_orders: dict[int, torch.Tensor] = {}
+    batch_indices = BatchOrder(cfg, n, spe, rank, world, device)
     aug_steps = chunk_steps(a.chunk_images, per_rank, device, x_train[0].numel())
     chunk = (-1, None, None)  # (chunk index, augmented images, labels) of the current aug_steps steps
-
-    def batch_indices(s: int) -> torch.Tensor:
-        """This rank's sample indices for step s: a contiguous slice of the global batch, so in_batch repeats of
-        an image stay on one rank. The order is a pure function of (seed, epoch)."""
-        epoch, i = divmod(s, spe)
-        if epoch not in epoch_orders:
-            epoch_orders.clear()  # a chunk spans at most two epochs; keep only the one it ends in
-            epoch_orders[epoch] = D.epoch_indices(n, epoch, t.seed, a.repeats, a.repeat_mode, t.batch_size).to(device)
-        start = i * t.batch_size + rank * per_rank
-        return epoch_orders[epoch][start : start + per_rank]
 
     check_each_step = _check_each_step(device, t.on_nonfinite)
     try:
@@ -381,34 +353,113 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     interrupted = stopping and step < last_step  # a signal during the last step still ends a complete run
     final = history[-1] if history else {}
     result = {
-        "status": "interrupted" if interrupted else ("done" if step >= total_steps else "stopped_at_max_steps"),
         "final_test_acc": final.get("test_acc", float("nan")),
         # with a validation split, the test set is seen once: its best over evaluations does not exist
         "best_test_acc": best_acc if split == "test" else None,
         "eval_split": split,
+    }
+    if split == "val":
+        result.update(final_val_acc=final.get("val_acc", float("nan")), best_val_acc=best_acc,
+                      val_images=cfg.data.val_images)
+    return finish_run(cfg, out, result, interrupted, step, total_steps, spe, seen, timed,
+                      wall_before + time.perf_counter() - wall_start, device, world, precision, stop["signal"],
+                      first_step_seconds=first_step_seconds,  # of this (re)start: compilation, warm-up, first aug.
+                      params=n_params, flops_per_image=flops)
+
+
+def finish_run(cfg: Config, out: Path, result: dict, interrupted: bool, step: int, total_steps: int, spe: int,
+               seen: float, timed: float, wall_seconds: float, device: torch.device, world: int, precision: str,
+               stop_signal: str | None = None, **extra) -> dict:
+    """The result dict (status, the loop's own numbers in `result`, steps, throughput, environment), also written
+    to result.json unless the run was interrupted."""
+    result = {
+        "status": "interrupted" if interrupted else ("done" if step >= total_steps else "stopped_at_max_steps"),
+        **result,
         "step": step,
         "total_steps": total_steps,
         "epochs_done": step / spe,
         "train_img_per_s": seen / timed if timed > 0 else None,
         "train_seconds": timed,
-        "first_step_seconds": first_step_seconds,  # of this (re)start: compilation, warm-up, first augmentation
-        "wall_seconds": wall_before + time.perf_counter() - wall_start,
-        "params": n_params,
-        "flops_per_image": flops,
+        "wall_seconds": wall_seconds,
+        **extra,
         "device": environment(device)["device"],
         "world_size": world,
         "precision": precision,
         "run_dir": str(out),
         "overrides": diff(cfg),
     }
-    if split == "val":
-        result.update(final_val_acc=final.get("val_acc", float("nan")), best_val_acc=best_acc,
-                      val_images=cfg.data.val_images)
     if interrupted:
-        result["stop_signal"] = stop["signal"]  # None on a rank that stopped because another one was signalled
+        result["stop_signal"] = stop_signal  # None on a rank that stopped because another one was signalled
     else:
         dist_.on_rank0(lambda: atomic_write_json(out / "result.json", result), world)
     return result
+
+
+def open_run(cfg: Config, out_dir, resume: bool, world: int, root: str = "runs") -> tuple[Path, dict | None]:
+    """Threads, the global-batch check and the run folder (default: under `root`); returns the folder and, when
+    resuming a run that has ended, its result."""
+    t = cfg.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be divisible by the "
+                          f"{world} processes; choose a multiple of {world}")
+    out = Path(out_dir) if out_dir is not None else default_run_dir(cfg, root)
+    return out, dist_.on_rank0(lambda: _check_run_folder(out, cfg, resume), world)
+
+
+class BatchOrder:
+    """This rank's sample indices for each step: a contiguous slice of the global batch, so in_batch repeats of
+    an image stay on one rank. The order is a pure function of (seed, epoch)."""
+
+    def __init__(self, cfg: Config, n: int, spe: int, rank: int, world: int, device: torch.device):
+        self.cfg, self.n, self.spe, self.device = cfg, n, spe, device
+        self.per_rank = cfg.train.batch_size // world
+        self.offset = rank * self.per_rank
+        self.orders: dict[int, torch.Tensor] = {}
+
+    def __call__(self, s: int) -> torch.Tensor:
+        t, a = self.cfg.train, self.cfg.aug
+        epoch, i = divmod(s, self.spe)
+        if epoch not in self.orders:
+            self.orders.clear()  # a chunk spans at most two epochs; keep only the one it ends in
+            self.orders[epoch] = D.epoch_indices(self.n, epoch, t.seed, a.repeats, a.repeat_mode,
+                                                 t.batch_size).to(self.device)
+        start = i * t.batch_size + self.offset
+        return self.orders[epoch][start : start + self.per_rank]
+
+
+def load_data(cfg: Config, device: torch.device, world: int):
+    """((x_train, y_train), (x_test, y_test), (x_val, y_val) or None): the whole dataset as uint8 on the device, cut
+    to data.subset and data.test_subset, with data.val_images held out of the training images (D.val_split, the
+    same for every train.seed); each rank reads its own copy."""
+    d, size = cfg.data, cfg.model.img_size
+    (x_train, y_train), (x_test, y_test) = dist_.on_every_rank(lambda: (
+        D.load(d.dataset, d.data_dir, d.download, train=True, device=device, img_size=size),
+        D.load(d.dataset, d.data_dir, d.download, train=False, device=device, img_size=size)), world)
+    if d.subset:
+        x_train, y_train = x_train[: d.subset], y_train[: d.subset]
+    if d.test_subset:
+        x_test, y_test = x_test[: d.test_subset], y_test[: d.test_subset]
+    val = None
+    if d.val_images:
+        keep, held = (i.to(device) for i in D.val_split(y_train, d.val_images, d.val_seed))
+        val = x_train[held], y_train[held]
+        x_train, y_train = x_train[keep], y_train[keep]
+    return (x_train, y_train), (x_test, y_test), val
+
+
+def step_plan(cfg: Config, n: int) -> tuple[int, int, int, int, set[int]]:
+    """(steps per epoch, total steps, warm-up steps, last step of this run, evaluation steps) for n images."""
+    t, a = cfg.train, cfg.aug
+    spe = D.steps_per_epoch(n, a.repeats, t.batch_size)
+    if spe == 0:
+        raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {n * a.repeats} samples per epoch")
+    total_steps = t.epochs * spe
+    last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
+    eval_steps = {e * spe for e in range(1, t.epochs + 1) if t.eval_every_epochs and e % t.eval_every_epochs == 0}
+    eval_steps = {s for s in eval_steps if s < last_step} | {last_step}  # always evaluate the end (SPEC bug 11)
+    return spe, total_steps, cfg.optim.warmup_epochs * spe, last_step, eval_steps
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,332 @@
+"""DINO self-supervised pre-training on the training images only (`smallvit pretrain`); fine-tune with
+`smallvit train --set train.init_from=RUN`, which takes the teacher's backbone.
+
+The parent project of the reference (vits-for-small-scale-datasets, train_ssl.py, after facebookresearch/dino):
+a student and a teacher, each a ViT (any `model.*` variant, built with num_classes=0) plus a projection head; the
+teacher is the EMA of the student (momentum 0.996 -> 1 by a cosine) and sees only the global views; the student
+sees every view and learns to predict the teacher's centred, sharpened distribution of the *other* views.
+Written by hand (DINO and its heirs are scripts, not libraries); timm supplies the EMA (ModelEmaV3) and the
+position-embedding resampling for the small local views (model.py).
+
+Run folder, records, atomic checkpoints, SIGINT/SIGTERM, torchrun and exact resume are train.py's (shared
+helpers there): the data order, the views and the drop-path masks are pure functions of (seed, rank, step).
+`checkpoint.pt` holds "teacher" and "student" (state dicts with keys backbone.* and head.*), "model" (the teacher
+backbone alone, the same tensors), "center", "optimizer", "step" and the usual resume fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from . import data as D
+from . import distributed as dist_
+from .config import Config, ConfigError, SSLConfig, diff, to_dict
+from .knn import knn_accuracy
+from .model import build_model, count_params
+from .optim import build_optimizer, lr_at, schedule_factor, set_lr
+from .runs import CHECKPOINT, Records, TrainingError, atomic_write_json, environment, load_model_state
+from .runs import remove_stale_temps, save_checkpoint, truncate_metrics
+from .train import BatchOrder, _check_each_step, _nonfinite_msg, _read_resume_state, _sync, load_data, open_run
+from .train import finish_run, run_guarded, step_plan
+
+
+class DINOHead(nn.Module):
+    """MLP (Linear-GELU ... Linear to the bottleneck) -> L2 normalise -> weight-normalised Linear to out_dim.
+
+    projection_head.MLPHead / DINO's DINOHead: trunc-normal(0.02) MLP, the last layer keeps PyTorch's init, its
+    norm g starts at 1 and stays there when norm_last_layer (each output is then a cosine similarity).
+    """
+
+    def __init__(self, in_dim: int, s: SSLConfig):
+        super().__init__()
+        dims = [in_dim] + [s.head_hidden_dim] * (s.head_layers - 1) + [s.head_bottleneck_dim]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.GELU()]
+        self.mlp = nn.Sequential(*layers[:-1])
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(s.head_bottleneck_dim, s.out_dim,
+                                                                          bias=False))
+        g = self.last_layer.parametrizations.weight.original0
+        g.data.fill_(1.0)
+        g.requires_grad = not s.norm_last_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))  # (B, out_dim)
+
+
+class DINO(nn.Module):
+    """Backbone (a smallvit ViT without classifier) + DINOHead; views of one resolution go through together."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.backbone = build_model(replace(cfg.model, num_classes=0))
+        m = cfg.model
+        self.head = DINOHead(m.embed_dim * (m.num_cls_tokens if m.cls_pool == "concat" else 1), cfg.ssl)
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(torch.cat([self.backbone(v) for v in views]))  # (sum of view batches, out_dim)
+
+
+def teacher_temperature(epoch: int, s: SSLConfig) -> float:
+    """train_ssl.py: np.linspace(warmup_teacher_temp, teacher_temp, warmup epochs) indexed by epoch, then flat."""
+    w = s.warmup_teacher_temp_epochs
+    if epoch >= w:
+        return s.teacher_temp
+    return s.warmup_teacher_temp + (s.teacher_temp - s.warmup_teacher_temp) * epoch / max(w - 1, 1)
+
+
+def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, student_temp: float,
+              teacher_temp: float, n_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy between each teacher view's distribution and every *other* student view's; also the
+    teacher's probabilities (n_global * B, K). Views are crop-major, as MultiCrop returns them."""
+    n_views = len(student_out) // (len(teacher_out) // n_global)
+    logp = F.log_softmax(student_out.float() / student_temp, dim=-1).chunk(n_views)
+    q = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach()
+    total, terms = student_out.new_zeros((), dtype=torch.float32), 0
+    for iq, qv in enumerate(q.chunk(n_global)):
+        for v, lp in enumerate(logp):
+            if v != iq:
+                total = total + torch.sum(-qv * lp, dim=-1).mean()
+                terms += 1
+    return total / terms, q
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float, world: int) -> None:
+    """center <- momentum * center + (1 - momentum) * the mean teacher output over every rank's batch."""
+    batch = teacher_out.float().sum(0, keepdim=True)
+    if world > 1:
+        dist.all_reduce(batch)
+    center.mul_(momentum).add_(batch / (len(teacher_out) * world), alpha=1 - momentum)
+
+
+@torch.no_grad()
+def clip_per_tensor_(params, clip: float) -> None:
+    """DINO utils.clip_gradients: each tensor's gradient scaled to norm <= clip on its own (not one global norm)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in torch._foreach_norm(grads)])
+
+
+def teacher_stats(q: torch.Tensor) -> torch.Tensor:
+    """(mean per-view entropy, entropy of the mean distribution) of teacher probabilities, in nats. Collapse to
+    one dimension sends both to 0; collapse to uniform sends both to log(K); either way their gap (the mutual
+    information between view and output) goes to 0."""
+    h = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
+    p = q.mean(0)
+    return torch.stack([h, -(p * p.clamp_min(1e-12).log()).sum()])
+
+
+def pretrain(cfg: Config, out_dir=None, resume: bool = False) -> dict:
+    """DINO pre-training of `cfg`; records in `out_dir` (default: a deterministic folder under runs/pretrain/);
+    returns the result (final and best k-NN accuracy of the teacher, steps, throughput). SIGINT/SIGTERM finish
+    the current step, write a checkpoint and return with status "interrupted"."""
+    return run_guarded(cfg.train.device, functools.partial(_pretrain, cfg, out_dir, resume))
+
+
+def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: torch.device, stop: dict) -> dict:
+    from .multicrop import MultiCrop
+
+    t, o, s = cfg.train, cfg.optim, cfg.ssl
+    main = rank == 0
+    if o.grad_clip > 0:
+        raise ConfigError("pretrain clips each gradient tensor with ssl.clip_grad (as DINO); leave optim.grad_clip=0")
+    out, finished = open_run(cfg, out_dir, resume, world, root="runs/pretrain")
+    ckpt_path = out / CHECKPOINT
+    if finished is not None:
+        return finished
+
+    # ---- data: the training images teach; the labels only score the k-NN monitor
+    info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, cfg.model.img_size)
+    (x_train, y_train), (x_test, y_test), _ = load_data(cfg, device, world)  # held-out images stay out
+    n = len(x_train)
+    spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, n)
+    bank = slice(0, s.knn_train_images or n)
+
+    # ---- student, teacher (EMA, eval mode: no drop path, as DINO's teacher), optimiser
+    torch.manual_seed(t.seed)
+    student = DINO(cfg).to(device)
+    ema = ModelEmaV3(student, decay=s.momentum_teacher, exclude_buffers=True)
+    teacher = ema.module
+    teacher.requires_grad_(False)
+    opt = build_optimizer(student, o, device)
+    center = torch.zeros(1, s.out_dim, device=device)
+    precision = ("bf16" if device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
+    autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext)
+
+    def knn() -> float:  # rank 0 scores; the others wait for its number
+        return dist_.on_rank0(lambda: knn_accuracy(teacher.backbone, x_train[bank], y_train[bank], x_test, y_test,
+                                                   info.mean, info.std, info.num_classes, s.knn_k, s.knn_temp,
+                                                   autocast), world)
+
+    # ---- resume
+    step, best, history, prior = 0, 0.0, [], {}
+    state = dist_.on_rank0(lambda: _read_resume_state(ckpt_path, cfg) if resume and ckpt_path.is_file() else None,
+                           world)
+    if state is not None:
+        load_model_state(student, state["student"], str(ckpt_path))
+        load_model_state(teacher, state["teacher"], str(ckpt_path))
+        opt.load_state_dict(state["optimizer"])
+        center.copy_(state["center"])
+        step, best, history, prior = state["step"], state["best_acc"], state["history"], state
+    center_ref = prior["center_ref"].to(device) if "center_ref" in prior else center.clone()
+    stats = torch.tensor(prior.get("pending", [0.0] * 4), device=device)  # loss, entropy, marginal entropy, count
+    timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
+    last_saved = step if state is not None else None
+    del state, prior
+    if main:
+        remove_stale_temps(out)
+        if resume:
+            truncate_metrics(out, step)
+    net = student
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
+    if t.compile:
+        net = torch.compile(net, mode=None if t.compile_mode == "default" else t.compile_mode)
+    views_of = MultiCrop(s, cfg.model.img_size, info.mean, info.std, device, seed=dist_.rank_seed(t.seed, rank))
+    batch_indices = BatchOrder(cfg, n, spe, rank, world, device)
+    records = Records(out, enabled=main)
+    if main:
+        atomic_write_json(out / "config.json", to_dict(cfg))
+        atomic_write_json(out / "overrides.json", diff(cfg))
+        atomic_write_json(out / "env.json", environment(device))
+    if step == 0:  # the same network at random init: the baseline the k-NN curve must beat
+        acc = knn()
+        history.append({"step": 0, "epoch": 0.0, "knn_acc": acc, "train_seconds": 0.0})
+        records.log(0, knn_acc=acc, epoch=0.0)
+
+    def checkpoint():
+        if not torch.stack([torch.isfinite(p).all() for p in student.parameters()]).all():
+            raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, what="weights"))
+        save_checkpoint(ckpt_path, {
+            "kind": "dino", "model": teacher.backbone.state_dict(), "teacher": teacher.state_dict(),
+            "student": student.state_dict(), "center": center, "center_ref": center_ref,
+            "optimizer": opt.state_dict(), "step": step, "best_acc": best, "history": history,
+            "config": to_dict(cfg), "train_seconds": timed, "train_images": seen, "pending": stats.tolist(),
+            "wall_seconds": wall_before + time.perf_counter() - wall_start,
+            "dataset": {"num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
+                        "class_names": list(info.class_names)},
+        })
+
+    bar = None
+    if main and t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=last_step, initial=step, dynamic_ncols=True, unit="step")
+    wall_start, timer_start, stopping = time.perf_counter(), None, False
+    check_each_step = _check_each_step(device, t.on_nonfinite)
+    frozen_last = list(student.head.last_layer.parameters())
+    try:
+        while step < last_step:
+            epoch = step // spe
+            views = views_of.views(x_train.index_select(0, batch_indices(step)), step)
+            torch.manual_seed(dist_.step_seed(t.seed, rank, step))  # drop path: a pure function of (seed, rank, step)
+            lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
+            wd = lr_at(step, total_steps, 0, o.weight_decay, s.weight_decay_end)  # cosine 0.04 -> 0.4
+            for g in opt.param_groups:
+                if g["kind"] in ("all", "decay", "adamw"):  # the no-decay and Muon groups keep their own
+                    g["weight_decay"] = wd
+            temp = teacher_temperature(epoch, s)
+            with autocast():
+                teacher_out = teacher(views[:1])  # the global views only
+                student_out = net(views)
+            loss, q = dino_loss(student_out, teacher_out, center, s.student_temp, temp, s.global_crops)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.clip_grad > 0:
+                clip_per_tensor_(student.parameters(), s.clip_grad)
+            if epoch < s.freeze_last_layer_epochs:  # DINO: the output layer stays fixed for the first epoch(s)
+                for p in frozen_last:
+                    p.grad = None
+            if check_each_step and dist_.any_rank(~torch.isfinite(loss.detach()), world):
+                if t.on_nonfinite == "stop":
+                    raise TrainingError(_nonfinite_msg(step + 1, ckpt_path, last_saved))
+                opt.zero_grad(set_to_none=True)
+                records.log(step + 1, event="skipped_nonfinite")
+            else:
+                opt.step()
+                update_center(center, teacher_out, s.center_momentum, world)
+                ema.decay = lr_at(step, total_steps, 0, s.momentum_teacher, 1.0)  # cosine 0.996 -> 1
+                ema.update(student)
+                stats += torch.cat([loss.detach().view(1), teacher_stats(q), stats.new_ones(1)])
+            step += 1
+            if timer_start is None:  # the first step of a (re)start is not timed
+                _sync(device)
+                timer_start = time.perf_counter()
+            else:
+                seen += t.batch_size
+            if bar is not None:
+                bar.update(1)
+            log_now = step % t.log_every_steps == 0 or step == last_step
+            save_now = step in eval_steps or (t.checkpoint_every_steps > 0 and step % t.checkpoint_every_steps == 0)
+            stopping = world == 1 and stop["signal"] is not None
+            if not (log_now or save_now or stopping):
+                continue
+            # one host sync; under torchrun the ranks agree here on stopping
+            flags = torch.cat([stats, torch.tensor([float(stop["signal"] is not None)], device=device)])
+            if world > 1:
+                dist.all_reduce(flags)
+            *sums, signalled = flags.tolist()
+            stopping = signalled > 0
+            if not math.isfinite(sums[0]):
+                raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, before=True))
+            if log_now:
+                _sync(device)
+                c = max(sums[3], 1.0)
+                elapsed = timed + time.perf_counter() - timer_start
+                ips = seen / elapsed if elapsed > 0 else 0.0
+                h, hm = sums[1] / c, sums[2] / c
+                records.log(step, loss=sums[0] / c, lr=lr, weight_decay=wd, momentum=ema.decay, teacher_temp=temp,
+                            teacher_entropy=h, teacher_marginal_entropy=hm, teacher_mi=hm - h,
+                            student_kl=sums[0] / c - h,  # loss = teacher entropy + KL(teacher || student)
+                            center_norm=center.norm().item(), center_drift=(center - center_ref).norm().item(),
+                            img_per_s=ips, epoch=step / spe)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sums[0] / c:.3f}", H=f"{h:.2f}", MI=f"{hm - h:.2f}", img_s=f"{ips:.0f}")
+                stats.zero_()
+                center_ref = center.clone()
+            if save_now or stopping:
+                _sync(device)
+                timed += time.perf_counter() - timer_start  # k-NN and checkpoint time is not training time
+                if step in eval_steps:
+                    acc = knn()
+                    best = max(best, acc)
+                    history.append({"step": step, "epoch": step / spe, "knn_acc": acc, "train_seconds": timed})
+                    records.log(step, knn_acc=acc, epoch=step / spe, train_seconds=timed)
+                    if bar is not None:
+                        bar.write(f"step {step} epoch {step / spe:.2f}: k-NN acc {acc:.2f}%")
+                dist_.on_rank0(checkpoint, world)
+                last_saved = step
+                timer_start = time.perf_counter()
+                if stopping:
+                    if bar is not None:
+                        bar.write(f"{stop['signal'] or 'a signal to another rank'}: checkpoint saved at step "
+                                  f"{step}; continue with --resume")
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        records.close()
+
+    interrupted = stopping and step < last_step
+    result = {"kind": "dino", "init_knn_acc": history[0]["knn_acc"] if history and history[0]["step"] == 0 else None,
+              "final_knn_acc": history[-1]["knn_acc"] if history else float("nan"), "best_knn_acc": best}
+    return finish_run(cfg, out, result, interrupted, step, total_steps, spe, seen, timed,
+                      wall_before + time.perf_counter() - wall_start, device, world, precision, stop["signal"],
+                      params=count_params(teacher.backbone))

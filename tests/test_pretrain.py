@@ -1,0 +1,276 @@
+"""DINO pre-training (pretrain.py), its multi-crop views (multicrop.py) and the k-NN monitor (knn.py), on tiny runs."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import REAL_DATA, needs_real_cifar, smoke_config
+from smallvit import pretrain as P
+from smallvit.cli import main
+from smallvit.config import SSLConfig, make_config
+from smallvit.knn import knn_predict
+from smallvit.multicrop import MultiCrop, crop_boxes, gaussian_blur, shift_hue
+from smallvit.runs import load_checkpoint, read_metrics
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def ssl_config(data_dir, **overrides):
+    """The smoke preset with a light multi-crop (2 local views) for speed; the DINO objective is unchanged."""
+    base = {"ssl.local_crops": 2, "ssl.out_dim": 256, "optim.weight_decay": 0.04, "optim.decay_all": False}
+    base.update(overrides)
+    return smoke_config(data_dir, **base)
+
+
+def test_views_shapes_order_and_determinism():
+    s = SSLConfig(local_crops=3)
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    mc = MultiCrop(s, 32, MEAN, STD, torch.device("cpu"), seed=1)
+    g, loc = mc.views(x, 7)
+    assert g.shape == (2 * 5, 3, 32, 32) and loc.shape == (3 * 5, 3, 16, 16) and g.dtype == torch.float32
+    again = mc.views(x, 7)
+    assert torch.equal(g, again[0]) and torch.equal(loc, again[1])  # a pure function of (seed, key)
+    assert not torch.equal(g, mc.views(x, 8)[0])
+    assert not torch.equal(g[:5], g[5:])  # the two global views of an image differ
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    g = torch.Generator().manual_seed(0)
+    boxes = crop_boxes(4000, 32, 32, (0.2, 0.5), g, "cpu")
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    area = h * w / 1024
+    assert area.min() > 0.15 and area.max() < 0.56  # the scale range, up to the rounding of h and w
+    ratio = w / h
+    assert ratio.min() > 0.6 and ratio.max() < 1.6  # log-uniform in (3/4, 4/3), up to rounding
+    assert 0.3 < area.mean() < 0.4
+    whole = crop_boxes(100, 32, 32, (1.0, 1.0), g, "cpu")
+    assert (whole[:, 2] * whole[:, 3] >= 0.9 * 1024).all()
+
+
+def test_identity_views_reproduce_the_image():
+    """Scale 1, ratio-preserving crops without colour, blur or flip give back the normalised image (the affine
+    grid maps output pixel centres onto input pixel centres); a flip gives the mirrored image."""
+    s = SSLConfig(global_scale=(1.0, 1.0), local_crops=0, jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0),
+                  solarize_p=0.0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    (g,) = MultiCrop(s, 32, MEAN, STD, torch.device("cpu")).views(x, 0)
+    expect = (x.float() / 255 - 0.5) / 0.25
+    same = [(g[i] - expect[i % 64]).abs().max() < 1e-4 for i in range(128)]
+    mirrored = [(g[i] - expect[i % 64].flip(-1)).abs().max() < 1e-4 for i in range(128)]
+    assert all(a or b for a, b in zip(same, mirrored)) and 30 < sum(mirrored) < 98  # flip p = 0.5
+
+
+def test_hue_shift_matches_torchvision():
+    import torchvision.transforms.v2.functional as TF
+
+    x = torch.rand(3, 3, 8, 8)
+    for h in (-0.3, 0.1, 0.45):
+        assert (shift_hue(x, torch.full((3,), h)) - TF.adjust_hue(x, h)).abs().max() < 1e-5
+
+
+def test_blur_matches_torchvision_and_sigma_zero_is_identity():
+    import torchvision.transforms.v2.functional as TF
+
+    x = torch.rand(3, 3, 16, 16)
+    out = gaussian_blur(x, torch.tensor([1.0, 0.0, 1.0]), max_sigma=1.0)
+    assert (out[0] - TF.gaussian_blur(x[0], [7, 7], [1.0, 1.0])).abs().max() < 1e-5
+    assert torch.equal(out[1], x[1])
+
+
+def test_dino_loss_pairs_every_teacher_view_with_the_other_views():
+    torch.manual_seed(0)
+    B, K, n_views = 4, 16, 5
+    student, teacher, center = torch.randn(n_views * B, K), torch.randn(2 * B, K), torch.randn(1, K)
+    loss, q = P.dino_loss(student, teacher, center, 0.1, 0.04, 2)
+    s = [torch.log_softmax(v / 0.1, -1) for v in student.chunk(n_views)]
+    t = [torch.softmax((v - center) / 0.04, -1) for v in teacher.chunk(2)]
+    terms = [-(t[i] * s[j]).sum(-1).mean() for i in range(2) for j in range(n_views) if i != j]
+    assert torch.allclose(loss, sum(terms) / len(terms)) and len(terms) == 2 * n_views - 2
+    assert torch.allclose(q, torch.cat(t))
+
+
+def test_centering_removes_a_dimension_that_dominates_every_output():
+    """Without a centre a constant bias wins every image (collapse to one dimension); the running centre
+    (momentum 0.9) subtracts it, and the teacher's outputs spread again."""
+    torch.manual_seed(0)
+    out = torch.randn(64, 32)
+    out[:, 3] += 5.0  # every output points at dimension 3
+    center = torch.zeros(1, 32)
+    h0 = P.teacher_stats(P.dino_loss(out, out, center, 0.1, 0.04, 2)[1])
+    for _ in range(60):
+        P.update_center(center, out, 0.9, world=1)
+    assert torch.allclose(center, 0.0 + (1 - 0.9**60) * out.mean(0, keepdim=True), atol=1e-5)
+    h1 = P.teacher_stats(P.dino_loss(out, out, center, 0.1, 0.04, 2)[1])
+    assert h0[1] < 0.5 and h1[1] > 2.5  # the entropy of the mean teacher distribution, in nats
+
+
+def test_teacher_temperature_and_momentum_schedules():
+    s = SSLConfig()
+    temps = [P.teacher_temperature(e, s) for e in range(12)]
+    assert temps[0] == 0.04 and math.isclose(temps[9], 0.07) and temps[10:] == [0.07, 0.07]
+    assert all(a < b for a, b in zip(temps[:10], temps[1:10]))
+
+
+@pytest.mark.parametrize("variant", [{}, {"model.latent": "qkv"}, {"model.num_cls_tokens": 2,
+                                                                     "model.class_attn_depth": 1},
+                                     {"model.pos_embed": "sincos", "model.num_cls_tokens": 2,
+                                      "model.cls_pool": "mean"}])
+def test_every_vit_variant_can_be_pretrained(variant):
+    cfg = make_config("smoke", {**variant, "ssl.out_dim": 64})
+    net = P.DINO(cfg)
+    views = MultiCrop(cfg.ssl, 32, MEAN, STD, torch.device("cpu")).views(
+        torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), 0)
+    out = net(views)
+    assert out.shape == (10 * 3, 64)
+    P.dino_loss(out, out[:6].detach(), torch.zeros(1, 64), 0.1, 0.04, 2)[0].backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+    assert frozen == ["head.last_layer.parametrizations.weight.original0"]  # norm_last_layer: g fixed at 1
+
+
+def test_teacher_is_the_ema_of_the_student(fake_cifar, tmp_path):
+    cfg = ssl_config(fake_cifar, **{"train.max_steps": 1})
+    P.pretrain(cfg, tmp_path / "r")
+    one = load_checkpoint(tmp_path / "r")
+    torch.manual_seed(cfg.train.seed)
+    init = P.DINO(cfg).state_dict()  # the student (and teacher) at step 0
+    P.pretrain(ssl_config(fake_cifar, **{"train.max_steps": 2}), tmp_path / "r", resume=True)
+    two = load_checkpoint(tmp_path / "r")
+    total = (600 // 64) * cfg.train.epochs
+    for step, before, after in ((0, init, one), (1, one["teacher"], two)):
+        m = 1 - (1 - cfg.ssl.momentum_teacher) * (1 + math.cos(math.pi * step / total)) / 2
+        for k, v in after["teacher"].items():
+            expect = m * before[k] + (1 - m) * after["student"][k]
+            assert torch.allclose(v, expect, atol=1e-6), k
+    assert not torch.equal(two["teacher"]["backbone.blocks.0.mlp.fc1.weight"],
+                           two["student"]["backbone.blocks.0.mlp.fc1.weight"])
+    assert all(torch.equal(two["model"][k], two["teacher"]["backbone." + k]) for k in two["model"])
+
+
+def test_pretrain_records_and_loss_falls(fake_cifar, tmp_path):
+    """The loss is the teacher's entropy plus KL(teacher || student). Early in a run the entropy rises (the centre
+    catches up with the outputs' common part, the teacher temperature warms up), so the part the student controls,
+    the KL, is what must fall (even with a frozen teacher and a fixed temperature the entropy rises at first)."""
+    cfg = ssl_config(fake_cifar, **{"train.epochs": 8, "optim.lr": 2e-3, "train.log_every_steps": 3})
+    r = P.pretrain(cfg, tmp_path / "run")
+    rows = [x for x in read_metrics(tmp_path / "run") if "loss" in x]
+    kl = [x["student_kl"] for x in rows]
+    assert r["status"] == "done" and r["step"] == 8 * 9
+    assert sum(kl[-4:]) / 4 < 0.6 * sum(kl[:4]) / 4, kl
+    assert all(abs(x["loss"] - x["teacher_entropy"] - x["student_kl"]) < 1e-4 for x in rows)
+    knn = [x for x in read_metrics(tmp_path / "run") if "knn_acc" in x]
+    assert [x["step"] for x in knn] == [0] + [9 * e for e in range(1, 9)]  # random init, then every epoch
+    for key in ("teacher_entropy", "teacher_mi", "center_norm", "center_drift", "momentum", "teacher_temp"):
+        assert all(math.isfinite(x[key]) for x in rows), key
+    assert (tmp_path / "run" / "tb").is_dir()
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["final_knn_acc"] == r["final_knn_acc"]
+
+
+def test_resume_and_sigterm_equal_the_uninterrupted_run(fake_cifar, tmp_path, monkeypatch):
+    cfg = ssl_config(fake_cifar)
+    P.pretrain(cfg, tmp_path / "full")
+    views = MultiCrop.views
+
+    def views_then_sigterm(self, x, key):  # a scheduler's SIGTERM arriving during step 6
+        if key == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return views(self, x, key)
+
+    monkeypatch.setattr(MultiCrop, "views", views_then_sigterm)
+    r1 = P.pretrain(cfg, tmp_path / "resumed")
+    assert r1["status"] == "interrupted" and r1["step"] == 7
+    monkeypatch.setattr(MultiCrop, "views", views)
+    r2 = P.pretrain(cfg, tmp_path / "resumed", resume=True)
+    assert r2["status"] == "done"
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "resumed")
+    for part in ("teacher", "student"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert torch.equal(a["center"], b["center"])
+    strip = lambda rows: [{k: v for k, v in x.items() if k not in ("img_per_s", "train_seconds")} for x in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(tmp_path / "resumed"))
+
+
+def test_knn_classifier_on_separable_features():
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    y = torch.arange(300) % 3
+    bank = torch.nn.functional.normalize(centres[y] + 0.05 * torch.randn(300, 8), dim=1)
+    votes = knn_predict(bank, y, bank[:30], 3, k=20, temperature=0.07)
+    assert (votes.argmax(1) == y[:30]).all()
+
+
+def test_cli_pretrain_then_knn_on_both_kinds_of_run(fake_cifar, tmp_path, capsys):
+    common = ["--preset", "smoke", "--set", f"data.data_dir={fake_cifar}", "data.download=false", "data.subset=0",
+              "data.test_subset=0", "train.threads=1", "train.max_steps=3", "ssl.local_crops=1", "ssl.out_dim=64"]
+    assert main(["pretrain", *common, "--out", str(tmp_path / "p")]) == 0
+    assert "k-NN accuracy" in capsys.readouterr().out
+    assert main(["knn", str(tmp_path / "p"), "--test-images", "100"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backbone"] == "teacher" and report["test_images"] == 100 and 0 <= report["knn_acc"] <= 100
+    assert main(["train", *common[:-2], "--out", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    assert main(["knn", str(tmp_path / "t"), "--k", "5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backbone"] == "model" and report["k"] == 5
+    assert main(["pretrain", *common, "optim.grad_clip=1", "--out", str(tmp_path / "q")]) == 2
+    assert "ssl.clip_grad" in capsys.readouterr().err
+
+
+def test_finetune_starts_from_the_teacher_backbone(fake_cifar, tmp_path):
+    from smallvit import train
+
+    P.pretrain(ssl_config(fake_cifar, **{"train.max_steps": 3}), tmp_path / "p")
+    teacher = load_checkpoint(tmp_path / "p")["teacher"]
+    # lr 0 at step 0 (warm-up from min_lr = 0): one step leaves the loaded weights as they were
+    train(smoke_config(fake_cifar, **{"train.init_from": str(tmp_path / "p"), "train.max_steps": 1,
+                                      "optim.min_lr": 0.0}), tmp_path / "f")
+    model = load_checkpoint(tmp_path / "f")["model"]
+    body = [k for k in model if not k.startswith("head.")]
+    assert body and all(torch.equal(model[k], teacher["backbone." + k]) for k in body)
+
+
+@needs_real_cifar
+def test_no_collapse_on_real_images_and_the_monitor_sees_one(tmp_path):
+    """A tiny pre-training on 1024 real CIFAR-10 training images: the teacher's outputs neither collapse to one
+    dimension (entropy -> 0) nor to uniform (entropy -> log K, the view/output mutual information -> 0). A teacher
+    softer than the student (temperature 0.2 > 0.1: centring without sharpening) collapses to uniform, and the
+    monitor shows it. The healthy run's teacher temperature, 0.02, suits this 32-wide network: with the reference
+    0.04 -> 0.07 its outputs are nearly uniform in so short a run (measured: mutual information 0.05 nats)."""
+    log_k, runs = math.log(256), {}
+    for name, temp in (("healthy", 0.02), ("collapsed", 0.2)):
+        cfg = ssl_config(REAL_DATA, **{"data.subset": 1024, "data.test_subset": 200, "train.epochs": 3,
+                                       "optim.lr": 2e-3, "ssl.momentum_teacher": 0.99, "train.log_every_steps": 4,
+                                       "ssl.warmup_teacher_temp": temp, "ssl.teacher_temp": temp})
+        P.pretrain(cfg, tmp_path / name)
+        rows = [x for x in read_metrics(tmp_path / name) if "teacher_entropy" in x]
+        runs[name] = rows[len(rows) // 2 :]
+    for x in runs["healthy"]:
+        assert 1.0 < x["teacher_entropy"] < log_k - 0.5 and x["teacher_mi"] > 0.2, x
+    for x in runs["collapsed"]:
+        assert x["teacher_entropy"] > log_k - 0.05 and x["teacher_mi"] < 0.02, x
+
+
+@pytest.mark.parametrize("setting, message", [("ssl.global_scale=0.8,0.5", "ssl.global_scale"),
+                                              ("ssl.local_size=6", "multiple of model.patch_size"),
+                                              ("ssl.global_crops=1", "ssl.global_crops"),
+                                              ("ssl.blur_p=0.5,1.5,0", "probabilities")])
+def test_bad_ssl_settings_are_one_clear_error(setting, message):
+    from smallvit.config import ConfigError, parse_overrides
+
+    with pytest.raises(ConfigError, match=message):
+        make_config("pretrain", parse_overrides([setting]))
+
+
+def test_pretrain_and_finetune_presets_are_the_parent_projects_recipe():
+    p, f = make_config("pretrain"), make_config("finetune")
+    assert (p.model.embed_dim, p.model.depth, p.model.num_heads, p.model.patch_size) == (192, 9, 12, 4)
+    assert (p.train.epochs, p.train.batch_size, p.optim.lr, p.optim.warmup_epochs) == (200, 512, 1e-4, 30)
+    assert (p.ssl.out_dim, p.ssl.local_crops, p.ssl.global_scale, p.ssl.local_scale) == (1024, 8, (0.7, 1.0),
+                                                                                         (0.2, 0.5))
+    assert f.model == p.model and f.train.epochs == 100 and f.train.batch_size == 256
