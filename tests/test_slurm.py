@@ -247,22 +247,21 @@ def test_two_tasks_on_one_node_equal_one_process(cluster, capsys, tmp_path):
 @pytest.mark.slow
 @needs_slurm
 def test_time_limit_warning_checkpoints_and_requeues(cluster, tmp_path):
-    """A real time limit: SLURM sends USR2 --signal-delay-s before it (checked every 30 s by the controller, so within
-    30 s of the start here); the run writes a checkpoint at that step, equal to a run stopped there, and is requeued."""
-    sets = ["train.epochs=400", "train.log_every_steps=1"]  # longer than the 30 s the warning may take
+    """A real time limit: SLURM sends USR2 --signal-delay-s before it (the controller checks every 30 s; seen here up
+    to 45 s early, so 35-80 s after the start: never before Python has imported torch and train() handles the
+    signal, even on a busy machine, which a 1-minute limit did not guarantee); the run writes a checkpoint at the step
+    it reached and is requeued. (A resumed run equals an uninterrupted one: test_signalled_job_is_requeued_...)"""
+    sets = ["train.epochs=3000", "train.log_every_steps=1"]  # far longer than the 80 s the warning may take
     out = tmp_path / "run"
-    assert main([*_train(cluster, out, *sets), "--launcher", "slurm", "--cpus-per-task", "1", "--timeout-min", "1",
-                 "--signal-delay-s", "55"]) == 0
+    assert main([*_train(cluster, out, *sets), "--launcher", "slurm", "--cpus-per-task", "1", "--timeout-min", "3",
+                 "--signal-delay-s", "100"]) == 0
     job = slurm.read_jobs(out / "slurm")["run"]["job_id"]
-    _wait_for(lambda: _restarts(job) == 1, "the time-limit warning and the requeue", timeout=150)
+    _wait_for(lambda: _restarts(job) == 1, "the time-limit warning and the requeue", timeout=240)
     _wait_for(lambda: _state(out, job) == "requeued", "--status: requeued")
     subprocess.run(["scancel", job], check=True)  # cancel it while it waits, so the checkpoint stays the one we test
     _wait_for(lambda: not slurm.live("run", slurm.read_jobs(out / "slurm"), slurm.squeue_states([job])), "the cancel")
     log = (out / "slurm" / f"{job}_0_log.out").read_text()
     assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log and "Requeued job" in log, log[-3000:]
     stopped = load_checkpoint(out)["step"]
-    assert 0 < stopped < 3600
-    reference = tmp_path / "reference"
-    train(smoke_config(cluster.data, **parse_overrides([*sets, f"train.max_steps={stopped}"])), reference)
-    wa, wb = load_checkpoint(out)["model"], load_checkpoint(reference)["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert 0 < stopped < 24000
+    assert stopped == max(r["step"] for r in read_metrics(out) if "loss" in r)  # saved where it stopped
