@@ -239,6 +239,14 @@ def test_bad_init_file_is_a_clear_error_and_nothing_is_written(fake_cifar, tmp_p
     torch.save({"note": "no tensors here"}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="holds no tensors"):
         init_from(_model(), tmp_path / "empty.pth")
+    torch.save({"model": _Unsafe()}, tmp_path / "unsafe.pth")  # a pickle the weights-only reader refuses
+    with pytest.raises(CheckpointError, match="may be unsafe") as e:
+        init_from(_model(), tmp_path / "unsafe.pth")
+    assert "weights_only" not in str(e.value)  # never relay torch's advice to load such a file unsafely
+
+
+class _Unsafe:
+    """An object only a full (code-running) unpickler would rebuild."""
 
 
 def test_other_shape_mismatches_need_init_strict_false(run):

@@ -17,12 +17,13 @@ The one key mapping between timm's VisionTransformer and smallvit's ViT (the res
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from .runs import CHECKPOINT, CheckpointError
+from .runs import CHECKPOINT, CheckpointError, is_unsafe_refusal, unsafe_file_error
 
 _QKV = re.compile(r"^(blocks\.\d+\.attn\.)qkv\.(weight|bias)$")
 _QKV_SPLIT = re.compile(r"^(blocks\.\d+\.attn\.)([qkv])\.(weight|bias)$")
@@ -65,6 +66,12 @@ def _read_file(path: Path) -> object:
 
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if is_unsafe_refusal(e):
+            raise unsafe_file_error(path, "Pass weights saved as tensors (a state dict or .safetensors).") from None
+        raise CheckpointError(f"train.init_from={path} cannot be read as weights (not a valid torch file); pass a "
+                              f"smallvit run folder or checkpoint, a timm state dict (.pth, .safetensors) or a DINO "
+                              f"checkpoint") from None
     except Exception as e:  # noqa: BLE001  (whatever the reader raises for a bad file, the user gets one line)
         raise CheckpointError(
             f"train.init_from={path} cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

@@ -85,6 +85,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
+def is_unsafe_refusal(e: pickle.UnpicklingError) -> bool:
+    """Whether torch's weights-only unpickler refused an object (rather than the file not being a pickle at all)."""
+    return "Unsupported global" in str(e) or "not an allowed global" in str(e)
+
+
+def unsafe_file_error(path: Path, advice: str) -> CheckpointError:
+    """The error for a file that the weights-only unpickler refuses. torch's own message advises retrying with
+    weights_only=False, which runs whatever code the file holds: never relay that for a file from elsewhere."""
+    return CheckpointError(f"{path} is not a smallvit checkpoint: it holds Python objects beyond tensors and plain "
+                           f"values, which smallvit refuses to load (such a file may be unsafe). {advice}")
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """Load a checkpoint safely (weights_only=True: no arbitrary code) with clear errors."""
     path = Path(path)
@@ -94,13 +106,11 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"no checkpoint at {path}; pass a run folder or a {CHECKPOINT} file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # The weights-only unpickler met an object it does not allow. torch's message advises retrying with
-        # weights_only=False, which runs whatever code the file holds: never relay that for a file from elsewhere.
-        raise CheckpointError(
-            f"{path} is not a smallvit checkpoint: it holds Python objects beyond tensors and plain values, which "
-            f"smallvit refuses to load (such a file may be unsafe). Use a checkpoint written by smallvit."
-        ) from None
+    except pickle.UnpicklingError as e:
+        if is_unsafe_refusal(e):
+            raise unsafe_file_error(path, "Use a checkpoint written by smallvit.") from None
+        raise CheckpointError(f"{path} is not a readable smallvit checkpoint (not a valid torch file); it may be "
+                              f"truncated or from another program: use another checkpoint or start a new run") from None
     except Exception as e:  # noqa: BLE001  (whatever torch raises for a bad file, the user gets one clear line)
         raise CheckpointError(
             f"{path} is not a readable smallvit checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
