@@ -212,8 +212,8 @@ def _blend(x: torch.Tensor, degenerate, factor: torch.Tensor) -> torch.Tensor:
 def _enhance(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Tensor:
     """Color (blend with the grey image) or sharpness (blend with a 3x3-smoothed image) with one factor per image.
 
-    The blends are in fixed point (_lerp_fixed): exact integer arithmetic, so the same pixels on every machine and
-    device (torch.lerp's float result depends on FMA), within one grey level of torchvision.
+    The blends have their weights rounded so that the float arithmetic is exact (_lerp_fixed): the same pixels on
+    every machine and device (torch.lerp's result depends on FMA), within one grey level of torchvision.
     """
     w = (1.0 - factor.float()).view(-1, 1, 1, 1)
     xf = x.float()
@@ -232,15 +232,21 @@ def _enhance(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Tensor:
     box += rows[2 * W:]  # 3x3 sums centred on f[W + 1 .. L - W - 2]
     smooth = f.clone()
     smooth[W + 1:L - W - 1] = box.add_(f[W + 1:L - W - 1], alpha=4.0).mul_(1.0 / 13.0).round_()
-    return _lerp_fixed(x, smooth.view(N, C, H, W), w * _interior(H, W, x.device))
+    return _lerp_fixed(x, smooth.view(N, C, H, W), w, _interior(H, W, x.device))
 
 
-def _lerp_fixed(x: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x + (target - x) w for uint8 x and whole-valued target, floored and clamped to uint8, with w rounded to a
-    multiple of 2^-16: integer products and sums (within int32 for |w| < 100), identical everywhere."""
-    wq = torch.round(w.double() * 65536).int()
-    xi = x.int()
-    return ((xi << 16) + (target.int() - xi) * wq >> 16).clamp_(0, 255).to(torch.uint8)
+def _lerp_fixed(x: torch.Tensor, target: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """x + (target - x) w for uint8 x and whole-valued float target, truncated and clamped to uint8 as torchvision
+    does, with each image's w (N, 1, 1, 1) rounded to a multiple of 2^-14 (times a 0/1 mask). Then every product
+    (an 8-bit difference times a 16-bit weight) and every sum (24 bits) is exact in float32 for |w| < 4 (enhance
+    factors in (-3, 5); the policies draw 0.1-1.9), so the result does not depend on the order of operations or
+    FMA: the same on every machine and device (torch.lerp rounds its product, and differently with FMA)."""
+    wq = torch.round(w.float() * 16384.0).mul_(1.0 / 16384.0)
+    if mask is not None:
+        wq = wq * mask
+    xf = x.float()
+    return (target - xf).mul_(wq).add_(xf).clamp_(0, 255).to(torch.uint8)
 
 
 @functools.cache

@@ -105,20 +105,23 @@ def _warp_nearest(x, M, shift, fill, out):  # pragma: no cover - compiled
     N, C, H, W = x.shape
     K = np.int64(1) << shift
     mask = 2 * K - 1  # positions in units of 1 / (2K) pixel; round half to even at K
+    src = np.empty(H * W, np.int64)  # the source pixel of each output pixel, -1 outside: then channel by channel
     for n in range(N):
+        dx, dy = 2 * M[n, 0, 0], 2 * M[n, 1, 0]  # one column to the right: X grows by 2
         for i in range(H):
+            px, py = _source_position(M, n, i, 0, H, W, K)
             for j in range(W):
-                px, py = _source_position(M, n, i, j, H, W, K)
                 col, rc = px >> (shift + 1), px & mask
                 row, rr = py >> (shift + 1), py & mask
                 col += 1 if rc > K or (rc == K and col & 1 == 1) else 0
                 row += 1 if rr > K or (rr == K and row & 1 == 1) else 0
-                if 0 <= col < W and 0 <= row < H:
-                    for c in range(C):
-                        out[n, c, i, j] = x[n, c, row, col]
-                else:
-                    for c in range(C):
-                        out[n, c, i, j] = fill
+                src[i * W + j] = row * W + col if 0 <= col < W and 0 <= row < H else -1
+                px += dx
+                py += dy
+        for c in range(C):
+            xc, oc = x[n, c].ravel(), out[n, c].ravel()
+            for k in range(H * W):
+                oc[k] = xc[src[k]] if src[k] >= 0 else fill
 
 
 def warp_nearest(x: torch.Tensor, M: torch.Tensor, fill: int) -> torch.Tensor:
@@ -138,26 +141,31 @@ def _warp_bilinear(x, M, shift, frac, fill, out):  # pragma: no cover - compiled
     K = np.int64(1) << shift
     one, drop = np.int64(1) << frac, shift + 1 - frac
     half = np.int64(1) << (2 * frac - 1)
+    taps = np.empty((H * W, 4), np.int64)  # the four neighbours' flat indices and weights, per pixel
+    weights = np.empty((H * W, 4), np.int64)
     for n in range(N):
+        dx, dy = 2 * M[n, 0, 0], 2 * M[n, 1, 0]
         for i in range(H):
+            px0, py0 = _source_position(M, n, i, 0, H, W, K)
             for j in range(W):
-                px, py = _source_position(M, n, i, j, H, W, K)
-                px, py = px >> drop, py >> drop  # units of 2^-frac pixel, rounded down (warp.bilinear_taps)
+                px, py = (px0 + j * dx) >> drop, (py0 + j * dy) >> drop  # 2^-frac pixel, rounded down
                 c0, fx = px >> frac, px & (one - 1)
                 r0, fy = py >> frac, py & (one - 1)
-                for c in range(C):
-                    acc = np.int64(0)
-                    for dr in range(2):
-                        r = r0 + dr
-                        wy = fy if dr else one - fy
-                        for dc in range(2):
-                            cc = c0 + dc
-                            if 0 <= cc < W and 0 <= r < H:
-                                wx = fx if dc else one - fx
-                                acc += (np.int64(x[n, c, r, cc]) - fill) * (wx * wy)
-                    q, rem = acc >> (2 * frac), acc & (2 * half - 1)
-                    q += 1 if rem > half or (rem == half and q & 1 == 1) else 0
-                    out[n, c, i, j] = q + fill
+                k = i * W + j
+                for t in range(4):  # a neighbour outside the image counts as fill: weight 0 on a valid index
+                    r, cc = r0 + (t >> 1), c0 + (t & 1)
+                    inside = 0 <= cc < W and 0 <= r < H
+                    taps[k, t] = r * W + cc if inside else 0
+                    weights[k, t] = (fy if t >> 1 else one - fy) * (fx if t & 1 else one - fx) if inside else 0
+        for c in range(C):
+            xc, oc = x[n, c].ravel(), out[n, c].ravel()
+            for k in range(H * W):
+                acc = np.int64(0)
+                for t in range(4):
+                    acc += (np.int64(xc[taps[k, t]]) - fill) * weights[k, t]
+                q, rem = acc >> (2 * frac), acc & (2 * half - 1)
+                q += 1 if rem > half or (rem == half and q & 1 == 1) else 0
+                oc[k] = q + fill
 
 
 def warp_bilinear(x: torch.Tensor, M: torch.Tensor, fill: int) -> torch.Tensor:
