@@ -38,7 +38,7 @@ from .optim import build_optimizer, lr_at, schedule_factor, set_lr
 from .runs import CHECKPOINT, Records, TrainingError, atomic_write_json, environment, load_model_state
 from .runs import remove_stale_temps, save_checkpoint, truncate_metrics
 from .train import BatchOrder, _check_each_step, _nonfinite_msg, _read_resume_state, _sync, load_data, open_run
-from .train import finish_run, run_guarded, step_plan
+from .train import _say_stopped, finish_run, run_guarded, step_plan
 
 
 class DINOHead(nn.Module):
@@ -315,9 +315,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
                 last_saved = step
                 timer_start = time.perf_counter()
                 if stopping:
-                    if bar is not None:
-                        bar.write(f"{stop['signal'] or 'a signal to another rank'}: checkpoint saved at step "
-                                  f"{step}; continue with --resume")
+                    _say_stopped(bar, stop, step)
                     break
     finally:
         if bar is not None:

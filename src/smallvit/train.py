@@ -333,17 +333,15 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                     history.append({"step": step, "epoch": step / spe, **scores, "train_seconds": timed})
                     records.log(step, **scores, epoch=step / spe, train_seconds=timed)
                     if bar is not None:
-                        bar.write(f"step {step} epoch {step / spe:.2f}: "
-                                  + "  ".join(f"{k.replace('_', ' ')} {v:.4f}" if k.endswith("loss") else
-                                              f"{k.replace('_', ' ')} {v:.2f}%" for k, v in scores.items()))
+                        shown = (f"{k.replace('_', ' ')} {v:.2f}%" for k, v in scores.items() if k.endswith("acc"))
+                        bar.write(f"step {step} epoch {step / spe:.2f}: {'  '.join(shown)}  "
+                                  f"{split} loss {eval_loss:.4f}")
                 dist_.on_rank0(checkpoint, world)
                 last_saved = step
                 if timer_start is not None:
                     timer_start = time.perf_counter()
                 if stopping:
-                    if bar is not None:
-                        bar.write(f"{stop['signal'] or 'a signal to another rank'}: checkpoint saved at step "
-                                  f"{step}; continue with --resume")
+                    _say_stopped(bar, stop, step)
                     break
     finally:
         if bar is not None:
@@ -460,6 +458,13 @@ def step_plan(cfg: Config, n: int) -> tuple[int, int, int, int, set[int]]:
     eval_steps = {e * spe for e in range(1, t.epochs + 1) if t.eval_every_epochs and e % t.eval_every_epochs == 0}
     eval_steps = {s for s in eval_steps if s < last_step} | {last_step}  # always evaluate the end (SPEC bug 11)
     return spe, total_steps, cfg.optim.warmup_epochs * spe, last_step, eval_steps
+
+
+def _say_stopped(bar, stop: dict, step: int) -> None:
+    """The progress bar's last line after a signal (here or on another rank) stopped the loop at a checkpoint."""
+    if bar is not None:
+        bar.write(f"{stop['signal'] or 'a signal to another rank'}: checkpoint saved at step {step}; "
+                  f"continue with --resume")
 
 
 def _sync(device: torch.device) -> None:

@@ -32,7 +32,7 @@ K = 1 << SHIFT  # fixed-point scale of a map's entries
 
 
 def fixed(v: torch.Tensor) -> torch.Tensor:
-    """Round float values to the nearest multiple of 1/K, as int64 (ties away from zero are irrelevant: exact)."""
+    """Round float values to the nearest multiple of 1/K (half to even), as int64; float64 scaling by K is exact."""
     return torch.round(v.double() * K).long()
 
 
