@@ -81,6 +81,9 @@ def test_cli_train_eval_info(fake_cifar, tmp_path, capsys):
     assert info["params"] == 3_441_226 and info["diff_from_baseline"] == {"model.latent": "q"}
     assert main(["info", "--ablation", "-aa"]) == 0  # a name that starts with a dash is still a value
     assert _json_tail(capsys.readouterr().out)["diff_from_baseline"] == {"aug.autoaugment": "none"}
+    assert main(["info", "--set", "model.depth=9", "--set", "model.drop_path=0", "optim.lr=0.002"]) == 0
+    assert _json_tail(capsys.readouterr().out)["diff_from_baseline"] == {  # repeated --set flags add up
+        "model.depth": 9, "model.drop_path": 0.0, "optim.lr": 0.002}
     assert main(["train", *args, "--set", "model.bogus=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing")]) == 2

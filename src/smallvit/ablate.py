@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .config import ABLATIONS, Config, ConfigError, apply_overrides, make_config
+from .config import ABLATIONS, SPEEDRUN_ABLATIONS, Config, ConfigError, apply_overrides, make_config
 from .runs import CHECKPOINT, atomic_write_json
 
 STUDIES: dict[str, list[str]] = {
@@ -25,11 +25,13 @@ STUDIES: dict[str, list[str]] = {
     # Every column of the reference README table (SPEC section 4).
     "paper": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "whiten", "mla-qkv", "mla-kv", "mla-qk", "mla-q",
               "mla-k", "ra-in-batch", "bs1024", "lion-bs1024"],
-    "all": list(ABLATIONS),
+    "all": [a for a in ABLATIONS if a not in SPEEDRUN_ABLATIONS],  # the paper's design space
     # The CPU mini-study of the README: one or two ablations from each group of the paper's table.
     "mini": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "mla-qkv"],
     # The reference's three backbones side by side (SPEC 11): the ViT, timm's Swin and timm's CaiT.
     "archs": ["baseline", "swin", "cait"],
+    # The speed run's ingredients, one at a time taken out of --preset speedrun (benchmarks/cpu_speedrun.py).
+    "speedrun": ["baseline", *SPEEDRUN_ABLATIONS],
 }
 
 

@@ -174,6 +174,22 @@ def mix(x: torch.Tensor, t: torch.Tensor, cfg: AugConfig, rng: np.random.Generat
     return x, lam * t + (1 - lam) * t[perm], kind
 
 
+def resolution_at(step: int, total_steps: int, stages: tuple[tuple[int, float], ...], full: int) -> int:
+    """Progressive resizing (train.res_schedule, config.res_stages): the training image size at `step`."""
+    for size, until in stages:
+        if step < until * total_steps:
+            return size
+    return full
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A float batch (B, C, H, W) at size x size by area averaging (adaptive average pooling): each output pixel is
+    the mean of the input pixels its window covers, so shrinking skips none (32 -> 16: exact 2x2 means)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="area")
+
+
 class BatchAugment:
     """The whole training augmentation: uint8 images + labels -> normalised floats + soft targets.
 

@@ -15,7 +15,7 @@ from .config import ABLATIONS, PAPER_RESULTS, PRESETS, ConfigError, diff, make_c
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="baseline", choices=sorted(PRESETS), help="scale of the run")
     p.add_argument("--ablation", default="baseline", help="named ablation (see `smallvit ablations`)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. model.depth=9")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. model.depth=9 (repeatable)")
     p.add_argument("--data-dir", default=None, help="dataset root (default: $SMALLVIT_DATA or ./data)")
 
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=1.0, help="multiply the epochs (and warm-up) by this")
     p.add_argument("--root", default="runs/studies")
     p.add_argument("--devices", default=None, help="comma-separated devices (cuda:0,cuda:1) for side-by-side runs")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--status", action="store_true", help="list every run: state, SLURM job, last log line; errors")

@@ -30,7 +30,7 @@ class ModelConfig:
     latent_dim: int = 64
     latent_kv_shared: bool = False  # beyond the paper: one down-projection feeds both k and v (DeepSeek MLA)
     # Several CLS tokens and class-attention blocks, SPEC 6.7.
-    num_cls_tokens: int = 1
+    num_cls_tokens: int = 1  # 0: no CLS token, global average pooling of the patch tokens (big_vision's gap)
     cls_pool: str = "concat"  # concat: head reads K*D; mean: head reads the mean of the K tokens
     class_attn_depth: int = 0
     class_attn: str = "reference"  # reference: patches projected (SPEC 6.7); cait: patches left unchanged
@@ -48,6 +48,9 @@ class ModelConfig:
     swin_heads: tuple[int, ...] = (3, 6, 12)  # heads per stage
     window_size: int = 4  # a stage whose grid is <= the window attends globally, unshifted (timm)
     layer_scale_init: float = 1e-5  # cait: LayerScale gamma of every residual branch (SPEC 11.2)
+    # Beyond the paper: drop this fraction of the patch tokens (random per image) in training (timm's PatchDropout);
+    # a step costs about (1 - patch_drop) of the full one. Evaluation always sees every token.
+    patch_drop: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class OptimConfig:
     eps: float = 1e-8
     decay_all: bool = True  # the reference decays every tensor (SPEC 12.13); False: no decay on 1-D, tokens, pos
     warmup_epochs: int = 10
+    schedule: str = "cosine"  # after the warm-up: cosine (SPEC 8) | linear | wsd (flat, then linear; optim.lr_at)
+    decay_fraction: float = 0.2  # wsd: the last fraction of the post-warm-up steps that decays
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
@@ -116,6 +121,10 @@ class TrainConfig:
     batch_size: int = 256
     label_smoothing: float = 0.1
     eval_every_epochs: int = 5  # and always after the last step (fixes SPEC bug 11)
+    eval_flip: bool = False  # evaluations score the mean of each image's and its mirror's logits (flip TTA)
+    # Progressive resizing (augment.resolution_at): "16:0.25,24:0.5" trains on 16-px images for the first 25% of the
+    # steps, 24 px until 50%, then model.img_size; the position embedding is resampled (model.ViT.tokens). Empty: off.
+    res_schedule: str = ""
     max_steps: int = 0  # >0: stop after this many steps (the schedule still spans the full run)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -195,6 +204,22 @@ class Config:
 SWIN = {"model.arch": "swin", "model.embed_dim": 96, "model.patch_size": 2}
 CAIT = {"model.arch": "cait", "model.depth": 24, "model.num_heads": 4, "model.class_attn_depth": 2}
 
+# The speed run (README "Speed run", benchmarks/cpu_speedrun.py): a plain ViT (patch embedding, no conv stem) to the
+# best test accuracy in 10 minutes of wall time on 2 CPU cores. Each ingredient is a set of general config keys,
+# named so that a GPU attempt can reuse them; "-<name>" in ABLATIONS takes one back out of the speedrun preset.
+SPEEDRUN_INGREDIENTS: dict[str, dict[str, object]] = {
+    "gap": {"model.num_cls_tokens": 0},  # global average pooling instead of a CLS token (big_vision)
+    "muon": {"optim.name": "muon"},  # Muon on the hidden matrices, AdamW on the rest
+    "linear-decay": {"optim.schedule": "linear"},  # a straight line to zero instead of the cosine
+    "flip-tta": {"train.eval_flip": True},  # the mean of each image's and its mirror's logits
+}
+# What undoes each ingredient (the baseline's value of its keys).
+SPEEDRUN_ABLATIONS = {f"-{name}": {k: getattr(getattr(Config(), k.split(".")[0]), k.split(".")[1]) for k in keys}
+                      for name, keys in SPEEDRUN_INGREDIENTS.items()}
+SPEEDRUN_SHAPE = {"model.embed_dim": 96, "model.depth": 4, "model.num_heads": 4, "model.drop_path": 0.0}
+SPEEDRUN_AUG = {"aug.autoaugment": "none", "aug.erase_p": 0.0, "aug.mixup": False, "aug.cutmix": False,
+                "aug.repeats": 1}
+
 # Named presets: each is a diff against the baseline.
 PRESETS: dict[str, dict[str, object]] = {
     "baseline": {},
@@ -214,6 +239,15 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.epochs": 8,
         "train.batch_size": 128,
         "train.eval_every_epochs": 2,
+    },
+    # The main job (./run.sh): the speed run on 2 CPU cores, the test set scored once at the end.
+    "speedrun": {
+        **SPEEDRUN_SHAPE, **SPEEDRUN_AUG, **{k: v for i in SPEEDRUN_INGREDIENTS.values() for k, v in i.items()},
+        "optim.lr": 2e-3,
+        "optim.warmup_epochs": 1,
+        "train.epochs": 11,
+        "train.batch_size": 128,
+        "train.eval_every_epochs": 0,
     },
     # The CPU mini-study: the quick model with the paper's full augmentation recipe (about 5 minutes a run).
     "mini": {
@@ -318,6 +352,8 @@ ABLATIONS: dict[str, dict[str, object]] = {
     # Other backbones (SPEC 11), built from timm's classes
     "swin": SWIN,
     "cait": CAIT,
+    # The speed run's ingredients, each taken back out of the speedrun preset (study "speedrun")
+    **SPEEDRUN_ABLATIONS,
 }
 
 # The reference README's Val/Acc (%) for the columns that have one (SPEC section 4).
@@ -434,13 +470,25 @@ ARCHS = ("vit", "swin", "cait")
 # Model keys that only some backbones read; any other arch refuses them when they differ from the default.
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("latent", "latent_dim", "latent_kv_shared", "num_cls_tokens", "cls_pool", "class_attn",
-                     "pos_embed", "patch_init", "whiten_filters", "whiten_images"), ("vit",)),
+                     "pos_embed", "patch_init", "whiten_filters", "whiten_images", "patch_drop"), ("vit",)),
     "class_attn_depth": ("vit", "cait"),
     **dict.fromkeys(("swin_depths", "swin_heads", "window_size"), ("swin",)),
     "layer_scale_init": ("cait",),
 }
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def res_stages(text: str) -> tuple[tuple[int, float], ...]:
+    """train.res_schedule "16:0.25,24:0.5" -> ((16, 0.25), (24, 0.5)): (size, until this fraction of the steps)."""
+    stages = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        size, _, until = part.partition(":")
+        try:
+            stages.append((int(size), float(until)))
+        except ValueError:
+            raise ConfigError(f"train.res_schedule: {part!r} must look like SIZE:FRACTION, e.g. 16:0.25") from None
+    return tuple(stages)
 
 
 def validate(cfg: Config) -> None:
@@ -460,7 +508,10 @@ def validate(cfg: Config) -> None:
     _check(m.latent_dim >= 1, "model.latent_dim must be >= 1")
     _check(not m.latent_kv_shared or ("k" in m.latent and "v" in m.latent),
            "model.latent_kv_shared needs both k and v in model.latent")
-    _check(m.num_cls_tokens >= 1, "model.num_cls_tokens must be >= 1")
+    _check(m.num_cls_tokens >= 0, "model.num_cls_tokens must be >= 0 (0: global average pooling)")
+    _check(m.num_cls_tokens or not m.class_attn_depth,
+           "model.class_attn_depth needs CLS tokens (model.num_cls_tokens >= 1): class attention updates them")
+    _check(0.0 <= m.patch_drop < 1.0, f"model.patch_drop must be in [0, 1), got {m.patch_drop}")
     _check(m.cls_pool in ("concat", "mean"), "model.cls_pool must be concat or mean")
     _check(m.class_attn_depth >= 0, "model.class_attn_depth must be >= 0")
     _check(m.class_attn in ("reference", "cait"), "model.class_attn must be reference or cait")
@@ -491,6 +542,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]")
     _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+    _check(o.schedule in ("cosine", "linear", "wsd"), f"optim.schedule must be cosine, linear or wsd, got {o.schedule!r}")
+    _check(0 < o.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
     _check(o.warmup_epochs < t.epochs or t.epochs == 0, "optim.warmup_epochs must be < train.epochs")
     _check(t.epochs >= 1, "train.epochs must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size must be >= 1")
@@ -500,6 +553,15 @@ def validate(cfg: Config) -> None:
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip")
     _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+    stages = res_stages(t.res_schedule)
+    ends = [u for _, u in stages]
+    _check(all(0 < u <= 1 for u in ends) and ends == sorted(set(ends)),
+           f"train.res_schedule={t.res_schedule!r}: the fractions must increase, each in (0, 1]")
+    _check(all(0 < s <= m.img_size and s % m.patch_size == 0 for s, _ in stages),
+           f"train.res_schedule={t.res_schedule!r}: each size must be a multiple of model.patch_size={m.patch_size} "
+           f"and at most model.img_size={m.img_size}")
+    _check(not stages or m.arch == "vit", f"train.res_schedule needs model.arch=vit (timm's {m.arch} is built for one "
+                                          f"input size)")
     _check(o.muon_fallback in ("adamw", "nadamw"), "optim.muon_fallback must be adamw or nadamw")
     s = cfg.ssl
     _check(min(s.out_dim, s.head_hidden_dim, s.head_bottleneck_dim, s.head_layers) >= 1,

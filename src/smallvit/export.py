@@ -104,7 +104,7 @@ def timm_model_args(m) -> dict:
     reasons = []
     if m.latent:
         reasons.append(f"low-rank q/k/v (model.latent={m.latent!r}): timm's ViT has one full-rank fused qkv")
-    if m.num_cls_tokens != 1:
+    if m.num_cls_tokens > 1:
         reasons.append(f"{m.num_cls_tokens} CLS tokens (model.num_cls_tokens): timm's ViT has one class token")
     if m.class_attn_depth:
         reasons.append(f"class-attention blocks (model.class_attn_depth={m.class_attn_depth}): not part of timm's "
@@ -116,7 +116,10 @@ def timm_model_args(m) -> dict:
                           + ". Use --format onnx, torchscript, torch.export or safetensors instead")
     return {"img_size": m.img_size, "patch_size": m.patch_size, "in_chans": m.in_chans, "num_classes": m.num_classes,
             "embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio,
-            "qkv_bias": m.qkv_bias, "class_token": True, "global_pool": "token"}
+            "qkv_bias": m.qkv_bias, "patch_drop_rate": m.patch_drop,
+            # no CLS token: timm's average pooling after the final norm (fc_norm off), as model.py's
+            **({"class_token": True, "global_pool": "token"} if m.num_cls_tokens else
+               {"class_token": False, "global_pool": "avg", "fc_norm": False})}
 
 
 def to_timm(model: ViT):

@@ -44,6 +44,9 @@ def attention_maps(model: ViT, x: torch.Tensor) -> tuple[torch.Tensor, list[tupl
                           "shifted windows, so there is no attention map over the image. Use arch=vit or cait.")
     if isinstance(model, Cait):
         return _cait_maps(model, x)
+    if not model.num_cls:
+        raise ConfigError("inspect: this ViT has no CLS token (model.num_cls_tokens=0, average pooling), and the "
+                          "maps drawn here are the CLS token's attention over the patches; inspect a CLS-token run")
     named = [(f"layer {i + 1}", b) for i, b in enumerate(model.blocks)]
     named += [(f"class-attn {i + 1}", b) for i, b in enumerate(model.cls_blocks)]
     maps: list[tuple[str, torch.Tensor]] = []

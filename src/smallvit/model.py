@@ -1,14 +1,15 @@
 """The paper's ViT (SPEC section 6) with every design knob it studies as a constructor option.
 
-One model, no copies: low-rank q/k/v (MLA), several CLS tokens, class-attention blocks, learned or
-fixed 2-D sin-cos position embedding. Whitening init of the patch embedding lives in `whiten.py`.
+One model, no copies: low-rank q/k/v (MLA), several CLS tokens or none (global average pooling), class-attention
+blocks, learned or fixed 2-D sin-cos position embedding, patch dropout. Whitening init of the patch embedding lives in
+`whiten.py`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchDropout, trunc_normal_
 from torch import nn
 
 from .config import ModelConfig
@@ -143,14 +144,17 @@ class ViT(nn.Module):
         self.cfg = cfg
         D, K = cfg.embed_dim, cfg.num_cls_tokens
         self.grid = cfg.img_size // cfg.patch_size
-        self.num_cls = K
+        self.num_cls = K  # 0: no CLS token, the head reads the mean of the patch tokens (global average pooling)
         self.patch_embed = nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, K, D))
+        self.cls_token = nn.Parameter(torch.zeros(1, K, D)) if K else None
         n_tokens = K + self.grid * self.grid
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, D))
         else:  # a buffer: fixed, not trained, saved in the state dict
             self.register_buffer("pos_embed", sincos_pos_embed(self.grid, self.grid, D, K).unsqueeze(0))
+        # Training only: a random (1 - patch_drop) of the patch tokens go through the blocks (timm's PatchDropout,
+        # Liu et al. 2022, "PatchDropout"), so a step costs about that fraction; evaluation sees every token.
+        self.patch_drop = PatchDropout(cfg.patch_drop, num_prefix_tokens=K) if cfg.patch_drop > 0 else nn.Identity()
         total = cfg.depth + cfg.class_attn_depth
         # One linear drop-path schedule over all blocks; class-attention blocks continue it (fixes SPEC bug 14).
         dpr = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
@@ -166,11 +170,12 @@ class ViT(nn.Module):
             for i in range(cfg.class_attn_depth)
         )
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        head_in = K * D if cfg.cls_pool == "concat" else D
-        self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.feature_dim = K * D if cfg.cls_pool == "concat" and K else D  # what the head reads
+        self.head = nn.Linear(self.feature_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self._init_weights()
 
     def _init_weights(self):
+        K = self.num_cls
         # SPEC 6.8: trunc-normal(0.02) linears with zero bias, LayerNorm 1/0, tokens trunc-normal(0.02);
         # the patch-embedding conv keeps PyTorch's default init.
         for m in self.modules():
@@ -181,7 +186,8 @@ class ViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        trunc_normal_(self.cls_token, std=0.02)
+        if K:
+            trunc_normal_(self.cls_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             trunc_normal_(self.pos_embed, std=0.02)
 
@@ -199,17 +205,21 @@ class ViT(nn.Module):
             pos = resample_abs_pos_embed(pos, list(x.shape[-2:]), [self.grid, self.grid], self.num_cls,
                                          antialias=False)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        if not self.num_cls:
+            return x + pos
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, K, D)
         return torch.cat([cls, x], dim=1) + pos
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The K CLS features after the final norm (B, K, D)."""
-        x = self.tokens(x)
+        """The K CLS features after the final norm (B, K, D); with no CLS token, the mean of the normalised patch
+        tokens (B, 1, D), as big_vision's `gap` pooling."""
+        x = self.patch_drop(self.tokens(x))
         for blk in self.blocks:
             x = blk(x)
         for blk in self.cls_blocks:
             x = blk(x)
-        return self.norm(x)[:, : self.num_cls]
+        x = self.norm(x)
+        return x[:, : self.num_cls] if self.num_cls else x.mean(1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)  # (B, K, D)

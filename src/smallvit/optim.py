@@ -11,13 +11,21 @@ from torch import nn
 from .config import OptimConfig
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
-    """SPEC 8: linear warm-up from `floor` over `warmup_steps`, then one cosine to `floor` at `total_steps`."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float, shape: str = "cosine",
+          decay_fraction: float = 1.0) -> float:
+    """SPEC 8: linear warm-up from `floor` over `warmup_steps`, then one cosine to `floor` at `total_steps`.
+
+    Other shapes after the warm-up: "linear" (a straight line to `floor`), "wsd" (warm-up, stable, decay: the peak
+    until the last `decay_fraction` of the steps after warm-up, then a straight line to `floor`; Hu et al. 2024)."""
     if step < warmup_steps:
         return floor + (peak - floor) * step / warmup_steps
     if step >= total_steps:
         return floor
     t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    if shape == "linear":
+        return floor + (peak - floor) * (1 - t)
+    if shape == "wsd":
+        return floor + (peak - floor) * min(1.0, (1 - t) / decay_fraction)
     return floor + (peak - floor) * (1 + math.cos(math.pi * t)) / 2
 
 
@@ -173,4 +181,4 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
 
 def schedule_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
     """The schedule relative to the peak: lr_at(...) / cfg.lr, so every group follows the same shape."""
-    return lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr) / cfg.lr
+    return lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule, cfg.decay_fraction) / cfg.lr

@@ -75,8 +75,7 @@ class DINO(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.backbone = build_model(replace(cfg.model, num_classes=0))
-        m = cfg.model
-        self.head = DINOHead(m.embed_dim * (m.num_cls_tokens if m.cls_pool == "concat" else 1), cfg.ssl)
+        self.head = DINOHead(self.backbone.feature_dim, cfg.ssl)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         return self.head(torch.cat([self.backbone(v) for v in views]))  # (sum of view batches, out_dim)

@@ -27,8 +27,8 @@ from torch.profiler import record_function
 from . import data as D
 from . import distributed as dist_
 from . import pretrained, wandb_log
-from .augment import BatchAugment
-from .config import Config, ConfigError, diff, to_dict
+from .augment import BatchAugment, resize, resolution_at
+from .config import Config, ConfigError, diff, res_stages, to_dict
 from .model import build_model, count_params, flops_per_image
 from .optim import build_optimizer, match_device, schedule_factor, set_lr
 from .runs import (
@@ -66,8 +66,10 @@ def default_run_dir(cfg: Config, root: str = "runs") -> Path:
 
 
 @torch.no_grad()
-def evaluate(model, x_test, y_test, mean, std, batch_size: int = 500, autocast=contextlib.nullcontext):
-    """Top-1 accuracy (%) and mean cross-entropy on a uint8 test set held on the device."""
+def evaluate(model, x_test, y_test, mean, std, batch_size: int = 500, autocast=contextlib.nullcontext,
+             flip: bool = False):
+    """Top-1 accuracy (%) and mean cross-entropy on a uint8 test set held on the device; with `flip`, of the mean
+    of each image's and its mirror's logits (flip test-time augmentation, train.eval_flip)."""
     model.eval()
     correct = torch.zeros((), device=x_test.device)
     loss = torch.zeros((), device=x_test.device)
@@ -76,6 +78,8 @@ def evaluate(model, x_test, y_test, mean, std, batch_size: int = 500, autocast=c
         yb = y_test[i : i + batch_size]
         with autocast():
             logits = model(xb)
+            if flip:
+                logits = (logits.float() + model(xb.flip(3)).float()) / 2
         loss += F.cross_entropy(logits.float(), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
     model.train()
@@ -124,6 +128,7 @@ def run_guarded(device_cfg: str, body) -> dict:
 
 def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: torch.device, stop: dict,
            step_hook=None) -> dict:
+    wall_start = time.perf_counter()  # wall time includes reading the data and building the model
     t, m, o, a = cfg.train, cfg.model, cfg.optim, cfg.aug
     main = rank == 0
     every = t.checkpoint_every_steps  # 0: checkpoints only at evaluations and signals
@@ -250,13 +255,14 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     loss_sum = torch.tensor(float(pending[0]), device=device)
     loss_count, timer_start, stopping = int(pending[1]), None, False
     timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
-    wall_start = time.perf_counter()
     first_step_seconds = None
     batch_indices = BatchOrder(cfg, n, spe, rank, world, device)
     aug_steps = chunk_steps(a.chunk_images, per_rank, device, x_train[0].numel())
     chunk = (-1, None, None)  # (chunk index, augmented images, labels) of the current aug_steps steps
 
     check_each_step = _check_each_step(device, t.on_nonfinite)
+    stages = res_stages(t.res_schedule)  # progressive resizing: (size, until fraction of the steps)
+    evaluate_ = functools.partial(evaluate, mean=mean, std=std, autocast=autocast, flip=t.eval_flip)
     try:
         while step < last_step:
             c, j = divmod(step, aug_steps)
@@ -268,6 +274,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
             xb, tb = augment.targets(chunk[1][j * per_rank : (j + 1) * per_rank],
                                      chunk[2][j * per_rank : (j + 1) * per_rank], step)
+            if stages:
+                xb = resize(xb, resolution_at(step, total_steps, stages, m.img_size))
             with record_function("forward"):  # named ranges for `smallvit profile` (~6 us each otherwise)
                 loss = step_loss(xb, tb)
             opt.zero_grad(set_to_none=True)
@@ -324,14 +332,16 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                     timed += time.perf_counter() - timer_start
                 if step in eval_steps:  # rank 0 evaluates; the others wait for its numbers
                     acc, eval_loss = dist_.on_rank0(
-                        lambda: evaluate(model, x_eval, y_eval, mean, std, autocast=autocast), world)
+                        lambda: evaluate_(model, x_eval, y_eval), world)
                     best_acc = max(best_acc, acc)
                     scores = {f"{split}_acc": acc, f"{split}_loss": eval_loss}
                     if split == "val" and step == last_step:  # the only look at the test set
                         scores["test_acc"], scores["test_loss"] = dist_.on_rank0(
-                            lambda: evaluate(model, x_test, y_test, mean, std, autocast=autocast), world)
-                    history.append({"step": step, "epoch": step / spe, **scores, "train_seconds": timed})
-                    records.log(step, **scores, epoch=step / spe, train_seconds=timed)
+                            lambda: evaluate_(model, x_test, y_test), world)
+                    wall = wall_before + time.perf_counter() - wall_start  # with data loading and evaluations
+                    history.append({"step": step, "epoch": step / spe, **scores, "train_seconds": timed,
+                                    "wall_seconds": wall})
+                    records.log(step, **scores, epoch=step / spe, train_seconds=timed, wall_seconds=wall)
                     if bar is not None:
                         shown = (f"{k.replace('_', ' ')} {v:.2f}%" for k, v in scores.items() if k.endswith("acc"))
                         bar.write(f"step {step} epoch {step / spe:.2f}: {'  '.join(shown)}  "

@@ -1,0 +1,154 @@
+"""The CPU speed run: the `speedrun` preset's test accuracy over seeds, and what each of its ingredients adds.
+
+Two parts, each run a `smallvit train` process in its own folder (restartable: a finished run is read, not rerun):
+
+1. ablations (`--ablation-seeds`, default 1): the recipe and the recipe minus each ingredient (the `speedrun` study,
+   `smallvit ablations` lists the "-<ingredient>" entries) on the validation split the recipe was chosen on
+   (data.val_images=5000 held out of the training images, an evaluation after every epoch). Each row gives the
+   final val accuracy, its difference to the recipe in points, the wall seconds and their difference, and the wall
+   time at which the val accuracy first reached 60 / 70 / 75 % (from metrics.jsonl; an evaluation costs about 3 s,
+   included).
+2. final (`--seeds`, default 3): the recipe exactly as ./run.sh runs it (all 50,000 training images, the test set
+   scored once, at the end), mean +- std of the test accuracy, the run's own wall time (result.json: data loading,
+   training and the evaluation) and the process's (with Python's start-up and imports).
+
+    python benchmarks/cpu_speedrun.py --data-dir ../shared/data --out benchmarks/results/speedrun_cpu.md
+    python benchmarks/cpu_speedrun.py --part final --seeds 3 --root runs/speedrun
+
+Timings are only meaningful on a quiet machine: run nothing else meanwhile (2 cores are 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # runs from a checkout without pip-installing smallvit
+
+from smallvit.ablate import STUDIES  # noqa: E402
+from smallvit.runs import environment, read_metrics  # noqa: E402
+
+THRESHOLDS = (60, 70, 75)
+
+
+def run(folder: Path, ablation: str, seed: int, sets: list[str], data_dir: str | None) -> dict:
+    """One `smallvit train --preset speedrun` process (skipped when the folder holds a finished run)."""
+    done = folder / "result.json"
+    process_seconds = None
+    if not done.is_file():
+        cmd = [sys.executable, "-m", "smallvit.cli", "train", "--preset", "speedrun", f"--ablation={ablation}",
+               "--out", str(folder), "--resume", "--set", f"train.seed={seed}", "train.progress=false", *sets]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        folder.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        with open(folder / "stdout.log", "a") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+        process_seconds = time.perf_counter() - t
+        (folder / "process_seconds.txt").write_text(f"{process_seconds:.2f}\n")
+    elif (folder / "process_seconds.txt").is_file():
+        process_seconds = float((folder / "process_seconds.txt").read_text())
+    res = json.loads(done.read_text())
+    evals = [m for m in read_metrics(folder) if "val_acc" in m]
+    reached = {x: next((m["wall_seconds"] for m in evals if m["val_acc"] >= x), None) for x in THRESHOLDS}
+    return {"ablation": ablation, "seed": seed, "test": res["final_test_acc"], "val": res.get("final_val_acc"),
+            "wall": res["wall_seconds"], "train": res["train_seconds"], "ips": res["train_img_per_s"],
+            "process": process_seconds, "reached": reached}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
+
+
+def _pm(xs: list[float], fmt: str = ".2f") -> str:
+    m, s = mean_std(xs)
+    return f"{m:{fmt}}" + (f" ± {s:{fmt}}" if len(xs) > 1 else "")
+
+
+def ablation_table(rows: list[dict]) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault(r["ablation"], []).append(r)
+    ref_val = mean_std([r["val"] for r in by["baseline"]])[0]
+    ref_wall = mean_std([r["wall"] for r in by["baseline"]])[0]
+    head = ("| run | seeds | val acc % | Δ points | wall s | Δ s | img/s | "
+            + " | ".join(f"to {x}% (s)" for x in THRESHOLDS) + " |")
+    lines = [head, "|" + "---|" * (7 + len(THRESHOLDS))]
+    for name, rs in by.items():
+        val, wall = mean_std([r["val"] for r in rs])[0], mean_std([r["wall"] for r in rs])[0]
+        label = "speedrun (the recipe)" if name == "baseline" else f"{name} (without it)"
+        dv = "—" if name == "baseline" else f"{val - ref_val:+.2f}"
+        dw = "—" if name == "baseline" else f"{wall - ref_wall:+.0f}"
+        reach = []
+        for x in THRESHOLDS:
+            ts = [r["reached"][x] for r in rs]
+            reach.append("not reached" if any(t is None for t in ts) else f"{sum(ts) / len(ts):.0f}")
+        lines.append(f"| {label} | {len(rs)} | {_pm([r['val'] for r in rs])} | {dv} | {wall:.0f} | {dw} | "
+                     f"{mean_std([r['ips'] for r in rs])[0]:.0f} | " + " | ".join(reach) + " |")
+    return "\n".join(lines)
+
+
+def final_table(rows: list[dict]) -> str:
+    lines = ["| seed | test acc % | wall s (result.json) | process s | train img/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        proc = f"{r['process']:.0f}" if r["process"] is not None else "—"
+        lines.append(f"| {r['seed']} | {r['test']:.2f} | {r['wall']:.0f} | {proc} | {r['ips']:.0f} |")
+    procs = [r["process"] for r in rows if r["process"] is not None]
+    lines.append(f"| **mean ± std** | **{_pm([r['test'] for r in rows])}** | {_pm([r['wall'] for r in rows], '.0f')} "
+                 f"| {_pm(procs, '.0f') if procs else '—'} | {mean_std([r['ips'] for r in rows])[0]:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["all", "ablations", "final"], default="all")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the final recipe (test set)")
+    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds of each ablation row (val split)")
+    p.add_argument("--ablations", nargs="*", default=None, help="only these (default: the speedrun study)")
+    p.add_argument("--val-images", type=int, default=5000)
+    p.add_argument("--root", default="runs/speedrun", help="run folders go here")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--set", nargs="*", action="extend", default=[], help="overrides for every run")
+    p.add_argument("--out", default=None, help="also write the tables to this Markdown file")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    parts = []
+    import torch
+
+    env = environment(torch.device("cpu"))
+    header = (f"Measured {datetime.date.today()} on {env.get('cpu', 'a CPU')} ({os.cpu_count()} cores), "
+              f"torch {env.get('torch')}, `python benchmarks/cpu_speedrun.py {' '.join(argv or sys.argv[1:])}`.")
+    if args.part in ("all", "ablations"):
+        names = args.ablations or STUDIES["speedrun"]
+        sets = [f"data.val_images={args.val_images}", "train.eval_every_epochs=1", *args.set]
+        rows = []
+        for name in names:
+            for seed in range(args.ablation_seeds):
+                rows.append(run(root / "val" / name / f"seed{seed}", name, seed, sets, args.data_dir))
+                print(json.dumps(rows[-1]), flush=True)
+        parts.append(f"### What each ingredient adds (validation split of {args.val_images} images)\n\n"
+                     + ablation_table(rows))
+    if args.part in ("all", "final"):
+        rows = [run(root / "test" / f"seed{seed}", "baseline", seed, args.set, args.data_dir)
+                for seed in range(args.seeds)]
+        parts.append("### The recipe on the test set (as ./run.sh runs it)\n\n" + final_table(rows))
+    text = header + "\n\n" + "\n\n".join(parts) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
