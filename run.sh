@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: set up (first time only), then train the `quick` preset on CIFAR-10 and print its test accuracy.
+# The main job: set up (first time only), then the CPU speed run (the `speedrun` preset) on CIFAR-10: a plain ViT
+# trained for under 10 minutes on 2 cores; prints its test accuracy.
 # Extra arguments go to `smallvit train`, e.g. ./run.sh --preset baseline  or  ./run.sh --set train.epochs=2
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -11,7 +12,7 @@ if [ -z "${SMALLVIT_DATA:-}" ] && [ ! -f data/cifar-10-batches-py/test_batch ] &
   export SMALLVIT_DATA="$ROOT/../shared/data"
 fi
 if [ "$#" -eq 0 ]; then
-  set -- --preset quick
+  set -- --preset speedrun
 fi
 OUT_ARGS=()
 case " $* " in *" --out "*) ;; *) OUT_ARGS=(--out "runs/main-$(date +%Y%m%d-%H%M%S)");; esac

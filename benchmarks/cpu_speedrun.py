@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--part", choices=["all", "ablations", "final"], default="all")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the final recipe (test set)")
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds of each ablation row (val split)")
-    p.add_argument("--ablations", nargs="*", default=None, help="only these (default: the speedrun study)")
+    p.add_argument("--ablations", default=None,
+                   help="only these, comma-separated, e.g. --ablations=baseline,-gap (default: the speedrun study)")
     p.add_argument("--val-images", type=int, default=5000)
     p.add_argument("--root", default="runs/speedrun", help="run folders go here")
     p.add_argument("--data-dir", default=None)
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     header = (f"Measured {datetime.date.today()} on {env.get('cpu', 'a CPU')} ({os.cpu_count()} cores), "
               f"torch {env.get('torch')}, `python benchmarks/cpu_speedrun.py {' '.join(argv or sys.argv[1:])}`.")
     if args.part in ("all", "ablations"):
-        names = args.ablations or STUDIES["speedrun"]
+        names = args.ablations.split(",") if args.ablations else STUDIES["speedrun"]
         sets = [f"data.val_images={args.val_images}", "train.eval_every_epochs=1", *args.set]
         rows = []
         for name in names:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import smoke_config
+from conftest import REAL_DATA, needs_real_cifar, smoke_config
 from smallvit import train
 from smallvit.augment import resize, resolution_at
 from smallvit.config import ConfigError, make_config, res_stages
@@ -166,3 +166,75 @@ def test_wall_time_includes_data_loading_and_is_in_every_evaluation(fake_cifar, 
     assert r["wall_seconds"] >= walls[-1] >= r["train_seconds"]
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["wall_seconds"] == r["wall_seconds"]
+
+
+# ---- the speedrun preset, its ingredients and the benchmark
+
+
+def test_each_speedrun_ablation_takes_back_exactly_its_ingredient():
+    from smallvit.ablate import STUDIES
+    from smallvit.config import ABLATIONS, SPEEDRUN_ABLATIONS, SPEEDRUN_INGREDIENTS, Config, diff
+
+    recipe = make_config("speedrun")
+    assert recipe.model.arch == "vit" and recipe.model.patch_size == 4  # a plain patch embedding, no conv stem
+    assert STUDIES["speedrun"] == ["baseline", *SPEEDRUN_ABLATIONS] and not set(SPEEDRUN_ABLATIONS) & set(STUDIES["all"])
+    for name, keys in SPEEDRUN_INGREDIENTS.items():
+        assert all(diff(recipe)[k] == v for k, v in keys.items())  # the recipe holds the ingredient
+        without = make_config("speedrun", ablation=f"-{name}")
+        assert set(diff(without, recipe)) == set(keys)  # and the ablation undoes only that
+        assert all(diff(without, Config()).get(k) is None for k in keys)
+        assert f"-{name}" in ABLATIONS
+        assert all(diff(make_config("speedrun-gpu"))[k] == v for k, v in keys.items())  # the GPU starting point too
+
+
+@needs_real_cifar
+def test_cpu_speedrun_benchmark_runs_the_recipe_and_its_ablations(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_speedrun
+
+    tiny = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "data.subset=600", "data.test_subset=200",
+            "train.epochs=2", "train.batch_size=100", "train.threads=1"]
+    out = tmp_path / "table.md"
+    args = ["--root", str(tmp_path / "runs"), "--data-dir", str(REAL_DATA), "--val-images", "100", "--seeds", "2",
+            "--ablations=baseline,-gap", "--set", *tiny, "--out", str(out)]
+    assert cpu_speedrun.main(args) == 0
+    text = out.read_text()
+    assert "| speedrun (the recipe) | 1 |" in text and "| -gap (without it) | 1 |" in text
+    assert "| **mean ± std** |" in text and text.count("| 0 |") == 1 and "| 1 |" in text
+    val = json.loads((tmp_path / "runs" / "val" / "-gap" / "seed0" / "result.json").read_text())
+    assert val["eval_split"] == "val" and val["val_images"] == 100 and "model.num_cls_tokens" not in val["overrides"]  # a CLS token again
+    test = json.loads((tmp_path / "runs" / "test" / "seed1" / "result.json").read_text())
+    assert test["eval_split"] == "test" and test["overrides"]["train.seed"] == 1
+    evals = [m for m in read_metrics(tmp_path / "runs" / "test" / "seed1") if "test_acc" in m]
+    assert len(evals) == 1  # the test set once, at the end
+    before = out.stat().st_mtime_ns
+    assert cpu_speedrun.main(args) == 0 and out.read_text() == text  # finished runs are read, not rerun
+
+
+def test_ema_of_the_weights_is_what_evaluations_and_commands_use_and_resumes_exactly(fake_cifar, tmp_path):
+    from smallvit.data import DATASETS, load as load_data
+    from smallvit.evaluate import load, predict_logits
+    from smallvit.pretrained import read_state_dict
+
+    over = {"train.ema_decay": 0.9, "optim.lr": 3e-3}
+    r = train(smoke_config(fake_cifar, **over), tmp_path / "full")
+    state = load_checkpoint(tmp_path / "full")
+    assert set(state["model_ema"]) == set(state["model"])
+    assert any(not torch.equal(state["model_ema"][k], state["model"][k]) for k in state["model"])
+    model, _ = load(tmp_path / "full")  # eval, export, predict and inspect load the EMA weights
+    assert all(torch.equal(v, state["model_ema"][k]) for k, v in model.state_dict().items())
+    x, y = load_data("cifar10", str(fake_cifar), False, train=False)
+    info = DATASETS["cifar10"]
+    logits = predict_logits(model, x, info.mean, info.std)
+    assert r["final_test_acc"] == 100.0 * (logits.argmax(1) == y).sum().item() / len(y)
+    weights, kind = read_state_dict(tmp_path / "full")  # train.init_from takes them too
+    assert kind == "model_ema" and all(torch.equal(weights[k], state["model_ema"][k]) for k in weights)
+    train(smoke_config(fake_cifar, **over, **{"train.max_steps": 7}), tmp_path / "resumed")
+    train(smoke_config(fake_cifar, **over), tmp_path / "resumed", resume=True)
+    resumed = load_checkpoint(tmp_path / "resumed")
+    assert all(torch.equal(resumed["model_ema"][k], state["model_ema"][k]) for k in state["model_ema"])
+    with pytest.raises(ConfigError, match="ema_decay"):
+        make_config("smoke", {"train.ema_decay": 1.0})

@@ -121,6 +121,10 @@ class TrainConfig:
     batch_size: int = 256
     label_smoothing: float = 0.1
     eval_every_epochs: int = 5  # and always after the last step (fixes SPEC bug 11)
+    # >0: keep an exponential moving average of the weights (timm's ModelEmaV3, with its warm-up: the decay grows as
+    # 1 - (1 + step)^(-2/3) up to this value); evaluations, the checkpoint's "model_ema" and every command that loads
+    # the run (eval, export, predict, init_from) use it. 0: off.
+    ema_decay: float = 0.0
     eval_flip: bool = False  # evaluations score the mean of each image's and its mirror's logits (flip TTA)
     # Progressive resizing (augment.resolution_at): "16:0.25,24:0.5" trains on 16-px images for the first 25% of the
     # steps, 24 px until 50%, then model.img_size; the position embedding is resampled (model.ViT.tokens). Empty: off.
@@ -208,6 +212,8 @@ CAIT = {"model.arch": "cait", "model.depth": 24, "model.num_heads": 4, "model.cl
 # best test accuracy in 10 minutes of wall time on 2 CPU cores. Each ingredient is a set of general config keys,
 # named so that a GPU attempt can reuse them; "-<name>" in ABLATIONS takes one back out of the speedrun preset.
 SPEEDRUN_INGREDIENTS: dict[str, dict[str, object]] = {
+    # the patch embedding's first filters set to whitening filters of the data's 4x4 patches (SPEC 6.9)
+    "whiten": {"model.patch_init": "whiten"},
     "gap": {"model.num_cls_tokens": 0},  # global average pooling instead of a CLS token (big_vision)
     "muon": {"optim.name": "muon"},  # Muon on the hidden matrices, AdamW on the rest
     "linear-decay": {"optim.schedule": "linear"},  # a straight line to zero instead of the cosine
@@ -245,8 +251,20 @@ PRESETS: dict[str, dict[str, object]] = {
         **SPEEDRUN_SHAPE, **SPEEDRUN_AUG, **{k: v for i in SPEEDRUN_INGREDIENTS.values() for k, v in i.items()},
         "optim.lr": 2e-3,
         "optim.warmup_epochs": 1,
-        "train.epochs": 11,
+        "train.epochs": 9,
         "train.batch_size": 128,
+        "train.eval_every_epochs": 0,
+    },
+    # A starting point for a GPU speed run (docs/speedrun.md), NOT yet run on a GPU: the paper's 3.6M-parameter ViT
+    # with the same ingredients, a batch that fills a GPU, bf16 (train.precision=auto) and compiled.
+    "speedrun-gpu": {
+        **SPEEDRUN_AUG, **{k: v for i in SPEEDRUN_INGREDIENTS.values() for k, v in i.items()},
+        "model.drop_path": 0.0,
+        "optim.lr": 2e-3,
+        "optim.warmup_epochs": 1,
+        "train.epochs": 20,
+        "train.batch_size": 512,
+        "train.compile": True,
         "train.eval_every_epochs": 0,
     },
     # The CPU mini-study: the quick model with the paper's full augmentation recipe (about 5 minutes a run).
@@ -553,6 +571,7 @@ def validate(cfg: Config) -> None:
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip")
     _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+    _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}")
     stages = res_stages(t.res_schedule)
     ends = [u for _, u in stages]
     _check(all(0 < u <= 1 for u in ends) and ends == sorted(set(ends)),

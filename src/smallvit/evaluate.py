@@ -10,7 +10,7 @@ from . import data as D
 from .config import Config, from_dict
 from .model import ViT, build_model
 from .distributed import resolve_device
-from .runs import load_checkpoint, load_model_state
+from .runs import evaluated_weights, load_checkpoint, load_model_state
 
 
 def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[ViT, Config]:
@@ -24,7 +24,7 @@ def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> t
         state = load_checkpoint(Path(run_or_checkpoint))
     cfg = from_dict(state["config"])
     model = build_model(cfg.model)
-    load_model_state(model, state["model"], str(run_or_checkpoint))
+    load_model_state(model, evaluated_weights(state), str(run_or_checkpoint))
     model.saved_dataset = state.get("dataset")  # classes and normalisation as trained (D.meta_of)
     return model.to(device).eval(), cfg
 

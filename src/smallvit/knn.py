@@ -64,14 +64,14 @@ def knn_run(run: str | Path, k: int | None = None, temperature: float | None = N
     from .config import from_dict
     from .distributed import resolve_device
     from .model import build_model
-    from .runs import load_checkpoint, load_model_state
+    from .runs import evaluated_weights, load_checkpoint, load_model_state
 
     state = load_checkpoint(run)
     cfg = from_dict(state["config"])
     dev = resolve_device(device)
     ssl_run = "teacher" in state  # pretrain.py saves "model" as the teacher backbone, without a head
     model = build_model(replace(cfg.model, num_classes=0) if ssl_run else cfg.model)
-    load_model_state(model, state["model"], str(run))
+    load_model_state(model, evaluated_weights(state), str(run))
     model.to(dev)
     d = cfg.data
     meta = D.meta_of(cfg, state.get("dataset"))

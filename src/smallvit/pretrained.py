@@ -27,7 +27,7 @@ from .runs import CHECKPOINT, CheckpointError, is_unsafe_refusal, unsafe_file_er
 
 _QKV = re.compile(r"^(blocks\.\d+\.attn\.)qkv\.(weight|bias)$")
 _QKV_SPLIT = re.compile(r"^(blocks\.\d+\.attn\.)([qkv])\.(weight|bias)$")
-WRAPPER_KEYS = ("teacher", "student", "model", "state_dict")  # the first one present holds the weights
+WRAPPER_KEYS = ("teacher", "student", "model_ema", "model", "state_dict")  # the first one present holds the weights
 
 
 def timm_to_smallvit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

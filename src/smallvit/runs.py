@@ -123,6 +123,11 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
+def evaluated_weights(state: dict) -> dict:
+    """The weights a run evaluated: the EMA of the weights when it kept one (train.ema_decay), else the model's."""
+    return state.get("model_ema") or state["model"]
+
+
 def load_model_state(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
     """load_state_dict with a message that names the mismatching keys instead of torch's traceback."""
     own = model.state_dict()

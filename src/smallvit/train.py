@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch.profiler import record_function
 
 from . import data as D
@@ -172,6 +173,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         del weights
     n_params, flops = count_params(model), flops_per_image(model)
     opt = build_optimizer(model, o, device)
+    ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema_decay else None  # what evaluations score
     precision = ("bf16" if device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
 
     def autocast():
@@ -187,6 +189,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         load_model_state(model, state["model"], str(ckpt_path))
         opt.load_state_dict(state["optimizer"])
         match_device(opt, device)  # a CPU checkpoint resumed on CUDA runs fused again
+        if ema is not None:
+            load_model_state(ema.module, state["model_ema"], str(ckpt_path))
         step, best_acc, history = state["step"], state["best_acc"], state.get("history", [])
         prior = {k: state.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds")}
         prior["pending_loss"] = state.get("pending_loss", (0.0, 0))
@@ -234,7 +238,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         if not finite:  # never replace the last good checkpoint with broken weights
             raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, what="weights"))
         save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best_acc": best_acc,
+            "model": model.state_dict(), **({"model_ema": ema.module.state_dict()} if ema is not None else {}),
+            "optimizer": opt.state_dict(), "step": step, "best_acc": best_acc,
             "history": history, "config": to_dict(cfg), "train_seconds": timed, "train_images": seen,
             "wall_seconds": wall_before + time.perf_counter() - wall_start, "pending_loss": pending,
             "dataset": {"num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
@@ -262,7 +267,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
 
     check_each_step = _check_each_step(device, t.on_nonfinite)
     stages = res_stages(t.res_schedule)  # progressive resizing: (size, until fraction of the steps)
-    evaluate_ = functools.partial(evaluate, mean=mean, std=std, autocast=autocast, flip=t.eval_flip)
+    scored = ema.module if ema is not None else model  # the weights evaluations score
+    evaluate_ = functools.partial(evaluate, scored, mean=mean, std=std, autocast=autocast, flip=t.eval_flip)
     try:
         while step < last_step:
             c, j = divmod(step, aug_steps)
@@ -290,6 +296,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                 records.log(step + 1, event="skipped_nonfinite")
             else:
                 opt.step()
+                if ema is not None:
+                    ema.update(model, step=step + 1)
                 loss_sum += loss.detach()
                 loss_count += 1
             step += 1
@@ -332,12 +340,12 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                     timed += time.perf_counter() - timer_start
                 if step in eval_steps:  # rank 0 evaluates; the others wait for its numbers
                     acc, eval_loss = dist_.on_rank0(
-                        lambda: evaluate_(model, x_eval, y_eval), world)
+                        lambda: evaluate_(x_eval, y_eval), world)
                     best_acc = max(best_acc, acc)
                     scores = {f"{split}_acc": acc, f"{split}_loss": eval_loss}
                     if split == "val" and step == last_step:  # the only look at the test set
                         scores["test_acc"], scores["test_loss"] = dist_.on_rank0(
-                            lambda: evaluate_(model, x_test, y_test), world)
+                            lambda: evaluate_(x_test, y_test), world)
                     wall = wall_before + time.perf_counter() - wall_start  # with data loading and evaluations
                     history.append({"step": step, "epoch": step / spe, **scores, "train_seconds": timed,
                                     "wall_seconds": wall})
