@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["all", "ablations", "final"], default="all")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the final recipe (test set)")
+    p.add_argument("--only-seeds", default=None, help="run only these final seeds now, e.g. 1,2")
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds of each ablation row (val split)")
     p.add_argument("--ablations", default=None,
                    help="only these, comma-separated, e.g. --ablations=baseline,-gap (default: the speedrun study)")
@@ -140,8 +141,8 @@ def main(argv=None) -> int:
         parts.append(f"### What each ingredient adds (validation split of {args.val_images} images)\n\n"
                      + ablation_table(rows))
     if args.part in ("all", "final"):
-        rows = [run(root / "test" / f"seed{seed}", "baseline", seed, args.set, args.data_dir)
-                for seed in range(args.seeds)]
+        seeds = [int(k) for k in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
+        rows = [run(root / "test" / f"seed{seed}", "baseline", seed, args.set, args.data_dir) for seed in seeds]
         parts.append("### The recipe on the test set (as ./run.sh runs it)\n\n" + final_table(rows))
     text = header + "\n\n" + "\n\n".join(parts) + "\n"
     print(text)

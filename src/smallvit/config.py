@@ -251,7 +251,7 @@ PRESETS: dict[str, dict[str, object]] = {
         **SPEEDRUN_SHAPE, **SPEEDRUN_AUG, **{k: v for i in SPEEDRUN_INGREDIENTS.values() for k, v in i.items()},
         "optim.lr": 2e-3,
         "optim.warmup_epochs": 1,
-        "train.epochs": 9,
+        "train.epochs": 8,  # ~7.5 min here, so that a machine 25% slower still finishes within 10
         "train.batch_size": 128,
         "train.eval_every_epochs": 0,
     },
