@@ -210,7 +210,6 @@ def test_cpu_speedrun_benchmark_runs_the_recipe_and_its_ablations(tmp_path):
     assert test["eval_split"] == "test" and test["overrides"]["train.seed"] == 1
     evals = [m for m in read_metrics(tmp_path / "runs" / "test" / "seed1") if "test_acc" in m]
     assert len(evals) == 1  # the test set once, at the end
-    before = out.stat().st_mtime_ns
     assert cpu_speedrun.main(args) == 0 and out.read_text() == text  # finished runs are read, not rerun
 
 
