@@ -193,6 +193,38 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(env, reference, signal
         json.loads((reference / "result.json").read_text())["best_test_acc"]
 
 
+def _direct(env, args: list[str], log: Path) -> subprocess.Popen:
+    """One `smallvit` command in its own process (the driver's direct mode), concurrent with the server's child."""
+    return subprocess.Popen([sys.executable, str(env["driver"]), str(env["sums"]), *args], cwd=env["root"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def test_one_writer_per_run_folder(env, reference, tmp_path):
+    """While a run trains, a second fresh run and a --resume into its folder are refused in one line naming the
+    holder, and write nothing there; after a kill -9 of the holder the kernel has released the lock and --resume
+    continues to the uninterrupted run's weights and records, without duplicates."""
+    out = tmp_path / "run"
+    pid = env["server"].start(_args(env, out, *CKPT_EVERY), tmp_path / "a.log")
+    _wait_for_step(out, 3)
+    os.kill(pid, signal.SIGSTOP)  # alive and holding the folder for as long as the others take to start
+    others = [_direct(env, _args(env, out, *extra), tmp_path / f"{name}.log")
+              for name, extra in (("fresh", ()), ("resume", ("--resume",)))]
+    codes = [p.wait(timeout=120) for p in others]
+    for name in ("fresh", "resume"):
+        text = (tmp_path / f"{name}.log").read_text()
+        error = text.splitlines()[-1]
+        assert error.startswith(f"smallvit train: error: {out} is in use by pid {pid} on "), text
+        assert text.count("error:") == 1 and "Traceback" not in text, text
+    assert codes == [2, 2]
+    os.kill(pid, signal.SIGCONT)
+    _wait_for_step(out, 12)
+    os.kill(pid, signal.SIGKILL)
+    assert env["server"].wait() == -signal.SIGKILL
+    assert env["server"].run(_args(env, out, *CKPT_EVERY, "--resume"), tmp_path / "b.log") == 0
+    _same_weights(out, reference)
+    assert _curve(out) == _curve(reference)
+
+
 def test_sigkill_during_a_checkpoint_write_keeps_the_old_one(env, tmp_path):
     """The writer is killed half-way through the temporary file: the previous checkpoint stays complete."""
     out = tmp_path / "run"

@@ -27,7 +27,8 @@ def _build(args):
 
 
 def cmd_train(args) -> int:
-    from .train import default_run_dir, train
+    from .runs import default_run_dir
+    from .train import train
 
     cfg = _build(args)
     out = Path(args.out) if args.out else default_run_dir(cfg)
@@ -164,7 +165,7 @@ def cmd_export(args) -> int:
 
 def cmd_profile(args) -> int:
     from .profile import profile
-    from .train import default_run_dir
+    from .runs import default_run_dir
 
     cfg = _build(args)
     out = Path(args.out) if args.out else default_run_dir(cfg, "runs/profile").parent
@@ -184,7 +185,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from .pretrain import pretrain
-    from .train import default_run_dir
+    from .runs import default_run_dir
 
     cfg = _build(args)
     out = Path(args.out) if args.out else default_run_dir(cfg, "runs/pretrain")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .data import DataError
-from .runs import CheckpointError, TrainingError
+from .runs import CheckpointError, RunBusyError, TrainingError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +64,7 @@ def any_rank(flag: torch.Tensor, world: int) -> bool:
 
 
 # Errors that a rank raises with the message rank 0 gave, so every process prints the same clear line.
-_ERRORS = {c.__name__: c for c in (ConfigError, DataError, CheckpointError, TrainingError)}
+_ERRORS = {c.__name__: c for c in (ConfigError, DataError, CheckpointError, RunBusyError, TrainingError)}
 
 
 def on_rank0(fn, world: int):

@@ -145,7 +145,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
     main = rank == 0
     if o.grad_clip > 0:
         raise ConfigError("pretrain clips each gradient tensor with ssl.clip_grad (as DINO); leave optim.grad_clip=0")
-    out, finished = open_run(cfg, out_dir, resume, world, root="runs/pretrain")
+    out, finished = open_run(cfg, out_dir, resume, world, stop["held"], root="runs/pretrain")
     ckpt_path = out / CHECKPOINT
     if finished is not None:
         return finished

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import pickle
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .config import Config, ConfigError, diff, from_dict
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -70,8 +73,84 @@ def _advice(e: OSError) -> str:
     return "fix the cause, then run the same command with --resume."
 
 
+LOCK = ".lock"
+
+
+class RunBusyError(CheckpointError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """One writer per run folder: an exclusive `flock` on RUN/.lock, taken before anything in the folder is read or
+    written, held for the whole run and released by the kernel when the holder dies (kill -9 included), so a stale
+    lock file never blocks anyone. The file names the holder (pid, host, SLURM job) for the refusal message; it is
+    never deleted (deleting a lock file lets two processes lock two different files)."""
+
+    def __init__(self, folder: Path, wait_s: float = 0.0):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(path)
+                    os.close(self.fd)
+                    raise RunBusyError(f"{self.folder} is in use by {holder}; wait for it to end (or stop it), or "
+                                       f"choose another --out") from None
+                time.sleep(0.5)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(holder_info()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def holder_info() -> dict:
+    """Who this process is, for the message another process gets: pid, host and the SLURM job if any."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return {"pid": os.getpid(), "host": platform.node(), **({"slurm_job": job} if job else {})}
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        h = {}
+    if not h:
+        return "another process (it has not written its name yet)"
+    job = f", SLURM job {h['slurm_job']}" if h.get("slurm_job") else ""
+    return f"pid {h.get('pid')} on {h.get('host')}{job}"
+
+
+def requeue_wait_s(folder: Path) -> float:
+    """How long to wait for the lock: a requeued SLURM job may start while its previous incarnation still shuts
+    down (it saves its checkpoint after SLURM's warning), so the same job id waits for it; anyone else: no wait."""
+    me = holder_info().get("slurm_job")
+    try:
+        other = json.loads((Path(folder) / LOCK).read_text() or "{}").get("slurm_job")
+    except (OSError, json.JSONDecodeError):
+        return 0.0
+    return 300.0 if me and me == other else 0.0
+
+
 def remove_stale_temps(folder: Path) -> None:
-    """Delete temporary files left by a write that was killed (SIGKILL, power loss) before its rename."""
+    """Delete temporary files left by a write that was killed (SIGKILL, power loss) before its rename. Only the
+    holder of the folder's RunLock calls this, so no other writer's temporary file can be in flight."""
     for p in Path(folder).glob(".*.tmp"):
         p.unlink(missing_ok=True)
 
@@ -273,3 +352,61 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if path.is_file():
         rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
         atomic_write_bytes(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+# ---- the run folder: its name, and what may be written into it
+
+# Keys that may differ between a checkpoint and the resuming config (they do not change the result, or, for
+# on_nonfinite, only decide what happens after a fault: the documented fix is to resume with skip).
+RESUME_FREE_KEYS = {"train.max_steps", "train.progress", "train.log_every_steps", "train.device", "train.threads",
+                    "train.compile", "train.compile_mode", "train.checkpoint_every_steps", "train.on_nonfinite",
+                    "data.data_dir", "data.download", "train.wandb_project", "train.wandb_entity",
+                    "train.wandb_name", "train.wandb_tags"}
+
+
+def default_run_dir(cfg: Config, root: str = "runs") -> Path:
+    """Deterministic folder name from the diff against the baseline: same config, same folder."""
+    d = {k: v for k, v in diff(cfg).items() if k not in RESUME_FREE_KEYS and k != "train.seed"}
+    slug = "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(d.items())) or "baseline"
+    slug = slug.replace("/", "_").replace(" ", "").replace("(", "").replace(")", "").replace(",", "_")
+    if len(slug) > 120:
+        import hashlib
+
+        slug = slug[:100] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:10]
+    return Path(root) / slug / f"seed{cfg.train.seed}"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e}); move the run folder aside and start a new run") from None
+
+
+def check_same_config(cfg: Config, saved: dict, source: Path) -> None:
+    try:
+        old = from_dict(saved)
+    except ConfigError as e:
+        raise CheckpointError(f"{source} holds a config this version cannot read ({str(e).splitlines()[0]}); "
+                              f"start a new --out folder") from None
+    changed = {k: v for k, v in diff(cfg, old).items() if k not in RESUME_FREE_KEYS}
+    if changed:
+        raise CheckpointError(f"{source} was written with a different config ({changed}); "
+                              f"resume with the same settings or start a new --out folder")
+
+
+def check_run_folder(out: Path, cfg: Config, resume: bool) -> dict | None:
+    """Refuse to mix two runs in one folder; when resuming a run that has ended, return its result."""
+    held = [f for f in (CHECKPOINT, "result.json", "metrics.jsonl") if (out / f).is_file() and (out / f).stat().st_size]
+    if not resume:
+        if held:
+            raise CheckpointError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it "
+                                  f"or choose another --out")
+        return None
+    if (out / "config.json").is_file():
+        check_same_config(cfg, read_json(out / "config.json"), out / "config.json")
+    if (out / "result.json").is_file():
+        done = read_json(out / "result.json")
+        if done.get("status") == "done" or (cfg.train.max_steps and done.get("step", 0) >= cfg.train.max_steps):
+            return done
+    return None

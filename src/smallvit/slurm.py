@@ -25,7 +25,7 @@ from pathlib import Path
 import submitit
 
 from .config import Config, ConfigError, apply_overrides
-from .runs import atomic_write_json
+from .runs import RunLock, atomic_write_json, check_run_folder
 
 JOBS = "jobs.json"  # in the submitit folder: which SLURM job ran which run folder
 SLURM_DIR = "slurm"  # the submitit folder inside a study or run folder: sbatch files, pickles, logs
@@ -387,15 +387,15 @@ def submit_study(todo: list[tuple[str, Config, Path]], folder: Path, res: Resour
 
 def submit_train(cfg: Config, out: Path, args) -> int:
     """`smallvit train --launcher slurm`: one job of nodes x GPUs processes on the run folder `out`."""
-    from .train import _check_run_folder  # the same refusal as a local run into a folder that holds one
-
     res = resources(args, "smallvit-train")
     world = res.nodes * res.tasks_per_node
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
                           f"{world} processes ({res.nodes} node(s) x {res.tasks_per_node}); nothing was submitted")
     out = out.resolve()
-    if _check_run_folder(out, cfg, args.resume) is not None:
+    with RunLock(out):  # refused while another process writes there; the job takes the lock again when it starts
+        finished = check_run_folder(out, cfg, args.resume)  # the same refusal as a local run's
+    if finished is not None:
         print(f"{out} holds a finished run; nothing to do")
         return 0
     folder = out / SLURM_DIR

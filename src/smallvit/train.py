@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import signal
 import threading
@@ -35,36 +34,21 @@ from .optim import build_optimizer, match_device, schedule_factor, set_lr
 from .runs import (
     CHECKPOINT,
     CheckpointError,
-    TrainingError,
     Records,
+    RunLock,
+    TrainingError,
     atomic_write_json,
+    check_run_folder,
+    check_same_config,
+    default_run_dir,
     environment,
     load_checkpoint,
     load_model_state,
     remove_stale_temps,
+    requeue_wait_s,
     save_checkpoint,
     truncate_metrics,
 )
-
-# Keys that may differ between a checkpoint and the resuming config (they do not change the result, or, for
-# on_nonfinite, only decide what happens after a fault: the documented fix is to resume with skip).
-RESUME_FREE_KEYS = {"train.max_steps", "train.progress", "train.log_every_steps", "train.device", "train.threads",
-                    "train.compile", "train.compile_mode", "train.checkpoint_every_steps", "train.on_nonfinite",
-                    "data.data_dir", "data.download", "train.wandb_project", "train.wandb_entity",
-                    "train.wandb_name", "train.wandb_tags"}
-
-
-def default_run_dir(cfg: Config, root: str = "runs") -> Path:
-    """Deterministic folder name from the diff against the baseline: same config, same folder."""
-    d = {k: v for k, v in diff(cfg).items() if k not in RESUME_FREE_KEYS and k != "train.seed"}
-    slug = "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(d.items())) or "baseline"
-    slug = slug.replace("/", "_").replace(" ", "").replace("(", "").replace(")", "").replace(",", "_")
-    if len(slug) > 120:
-        import hashlib
-
-        slug = slug[:100] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:10]
-    return Path(root) / slug / f"seed{cfg.train.seed}"
-
 
 @torch.no_grad()
 def evaluate(model, x_test, y_test, mean, std, batch_size: int = 500, autocast=contextlib.nullcontext,
@@ -101,8 +85,9 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, 
 
 def run_guarded(device_cfg: str, body) -> dict:
     """Run body(rank, world, device, stop) under torchrun set-up, with SIGINT/SIGTERM/SIGUSR2 in stop["signal"]
-    (the body checkpoints and returns) and OSErrors turned into one TrainingError line. Shared with pretrain.py."""
-    stop = {"signal": None}
+    (the body checkpoints and returns) and OSErrors turned into one TrainingError line. Shared with pretrain.py.
+    stop["held"] is an ExitStack for what the run holds until it returns, whatever happens (the run folder's lock)."""
+    stop = {"signal": None, "held": contextlib.ExitStack()}
 
     def on_signal(signum, frame):
         if stop["signal"] and signum == signal.SIGINT:  # a second Ctrl-C: stop now (the checkpoint stays intact)
@@ -121,6 +106,7 @@ def run_guarded(device_cfg: str, body) -> dict:
         raise TrainingError(f"{e.filename or 'I/O error'}: {e.strerror or e}. Checkpoints already written are "
                             f"intact; fix the cause and run the same command with --resume.") from None
     finally:
+        stop["held"].close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if created_group and dist.is_initialized():
@@ -133,7 +119,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     t, m, o, a = cfg.train, cfg.model, cfg.optim, cfg.aug
     main = rank == 0
     every = t.checkpoint_every_steps  # 0: checkpoints only at evaluations and signals
-    out, finished = open_run(cfg, out_dir, resume, world)
+    out, finished = open_run(cfg, out_dir, resume, world, stop["held"])
     ckpt_path = out / CHECKPOINT
     if finished is not None:  # resuming a run that already ended: nothing to do, and its records stay as they are
         return finished
@@ -411,9 +397,11 @@ def finish_run(cfg: Config, out: Path, result: dict, interrupted: bool, step: in
     return result
 
 
-def open_run(cfg: Config, out_dir, resume: bool, world: int, root: str = "runs") -> tuple[Path, dict | None]:
-    """Threads, the global-batch check and the run folder (default: under `root`); returns the folder and, when
-    resuming a run that has ended, its result."""
+def open_run(cfg: Config, out_dir, resume: bool, world: int, held: contextlib.ExitStack,
+             root: str = "runs") -> tuple[Path, dict | None]:
+    """Threads, the global-batch check and the run folder (default: under `root`): rank 0 takes its lock (held
+    until `held` closes) before it reads anything there; returns the folder and, when resuming a run that has
+    ended, its result."""
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -421,7 +409,12 @@ def open_run(cfg: Config, out_dir, resume: bool, world: int, root: str = "runs")
         raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be divisible by the "
                           f"{world} processes; choose a multiple of {world}")
     out = Path(out_dir) if out_dir is not None else default_run_dir(cfg, root)
-    return out, dist_.on_rank0(lambda: _check_run_folder(out, cfg, resume), world)
+
+    def lock_and_check():
+        held.enter_context(RunLock(out, wait_s=requeue_wait_s(out)))
+        return check_run_folder(out, cfg, resume)
+
+    return out, dist_.on_rank0(lock_and_check, world)
 
 
 class BatchOrder:
@@ -505,51 +498,13 @@ def _check_each_step(device: torch.device, on_nonfinite: str) -> bool:
     return device.type == "cpu" or on_nonfinite == "skip"
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is damaged ({e}); move the run folder aside and start a new run") from None
-
-
-def _check_same_config(cfg: Config, saved: dict, source: Path) -> None:
-    from .config import from_dict
-
-    try:
-        old = from_dict(saved)
-    except ConfigError as e:
-        raise CheckpointError(f"{source} holds a config this version cannot read ({str(e).splitlines()[0]}); "
-                              f"start a new --out folder") from None
-    changed = {k: v for k, v in diff(cfg, old).items() if k not in RESUME_FREE_KEYS}
-    if changed:
-        raise CheckpointError(f"{source} was written with a different config ({changed}); "
-                              f"resume with the same settings or start a new --out folder")
-
-
-def _check_run_folder(out: Path, cfg: Config, resume: bool) -> dict | None:
-    """Refuse to mix two runs in one folder; when resuming a run that has ended, return its result."""
-    held = [f for f in (CHECKPOINT, "result.json", "metrics.jsonl") if (out / f).is_file() and (out / f).stat().st_size]
-    if not resume:
-        if held:
-            raise CheckpointError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it "
-                                  f"or choose another --out")
-        return None
-    if (out / "config.json").is_file():
-        _check_same_config(cfg, _read_json(out / "config.json"), out / "config.json")
-    if (out / "result.json").is_file():
-        done = _read_json(out / "result.json")
-        if done.get("status") == "done" or (cfg.train.max_steps and done.get("step", 0) >= cfg.train.max_steps):
-            return done
-    return None
-
-
 def _read_resume_state(path: Path, cfg: Config) -> dict:
     state = load_checkpoint(path)
     missing = [k for k in ("optimizer", "step", "best_acc") if k not in state]
     if missing:
         raise CheckpointError(f"{path} has no {', '.join(missing)}: it holds weights only and cannot be resumed; "
                               f"start a new --out folder")
-    _check_same_config(cfg, state["config"], path)
+    check_same_config(cfg, state["config"], path)
     return state
 
 
