@@ -7,7 +7,7 @@ import pytest
 from conftest import REAL_DATA, needs_real_cifar, smoke_config
 from smallvit.ablate import STUDIES, ablate, plan, scaled
 from smallvit.cli import main
-from smallvit.config import make_config
+from smallvit.config import ConfigError, make_config
 from smallvit.report import report
 from smallvit.runs import load_checkpoint
 
@@ -104,3 +104,37 @@ def test_several_devices_run_side_by_side(monkeypatch, tmp_path):
     for r in rows:
         result = json.loads((Path(r["folder"]) / "result.json").read_text())
         assert result["step"] == 2 and (Path(r["folder"]) / "stdout.log").is_file()
+
+
+def test_study_rerun_with_other_settings_is_refused_or_trained_apart(tiny_study, tmp_path, capsys):
+    """Finished runs are reused only when they are the runs the study would train now; otherwise one line names
+    the differing key, nothing is trained or rewritten, and --new-folders trains the new settings beside them."""
+    root = tmp_path / "studies"
+    ablate("tiny", seeds=1, preset="smoke", root=root, overrides=tiny_study)
+    study_json = (root / "tiny" / "study.json").read_bytes()
+    results = {p: p.read_bytes() for p in (root / "tiny").rglob("result.json")}
+    args = ["ablate", "tiny", "--preset", "smoke", "--root", str(root), "--no-report", "--set",
+            *(f"{k}={v}" for k, v in tiny_study.items())]
+    capsys.readouterr()
+    assert main([*args, "optim.lr=0.0123"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "trained with other settings" in err and "optim.lr 0.001 -> 0.0123" in err and "--new-folders" in err
+    assert (root / "tiny" / "study.json").read_bytes() == study_json  # never claims settings its runs did not use
+    assert {p: p.read_bytes() for p in (root / "tiny").rglob("result.json")} == results
+    assert main([*args, "optim.lr=0.0123", "--new-folders"]) == 0
+    (fork,) = [p for p in root.iterdir() if p.name.startswith("tiny@")]
+    for cfg in fork.rglob("config.json"):
+        assert json.loads(cfg.read_text())["optim"]["lr"] == 0.0123
+    assert json.loads((fork / "study.json").read_text())["overrides"]["optim.lr"] == "0.0123"
+    assert main([*args, "optim.lr=0.0123", "--new-folders"]) == 0  # the same settings: the same folder, reused
+    assert [p for p in root.iterdir() if p.name.startswith("tiny@")] == [fork]
+    # a report labels each row from the runs' own config.json, and refuses a group that mixes two experiments
+    rows = report(fork)["rows"]
+    assert json.loads(next(r for r in rows if r["ablation"] == "-mixup")["diff"]) == {"aug.mixup": False}
+    odd = fork / "-mixup" / "seed1"
+    odd.mkdir()
+    for f in ("result.json", "config.json"):
+        (odd / f).write_text((fork / "baseline" / "seed0" / f).read_text())
+    with pytest.raises(ConfigError, match="'-mixup' were trained with different settings \\(aug.mixup"):
+        report(fork)

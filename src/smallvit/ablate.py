@@ -1,11 +1,15 @@
 """Studies: a named list of ablations x seeds, one run folder each, restartable at any time.
 
 Layout: <root>/<study>/<ablation>/seed<k>/ (a normal run folder) plus <root>/<study>/study.json.
-A run with result.json is skipped; a run with only a checkpoint is resumed; anything else starts fresh.
+A run folder is reused only if its config.json is the config the study would train now (outside the keys that
+cannot change a result, runs.RESUME_FREE_KEYS): then a run with result.json is skipped and one with only a
+checkpoint is resumed. A study whose folders hold other settings is refused, or, with `new_folders`, trained in
+<root>/<study>@<hash of the settings>/ beside it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import ABLATIONS, SPEEDRUN_ABLATIONS, Config, ConfigError, apply_overrides, make_config
-from .runs import CHECKPOINT, atomic_write_json
+from .runs import CHECKPOINT, atomic_write_json, config_changes, describe_changes, read_json
 
 STUDIES: dict[str, list[str]] = {
     "augmentation": ["baseline", "-aa", "-mixup", "-cutmix"],
@@ -61,6 +65,27 @@ def plan(study: str, seeds: int, preset: str = "baseline", budget: float = 1.0,
     return runs
 
 
+def reused_with_other_settings(base: Path, runs) -> list[tuple[Path, dict]]:
+    """(folder, {key: (its value, the study's value)}) for every run folder whose config.json is another
+    experiment than the run the study would train there now."""
+    stale = []
+    for name, seed, cfg in runs:
+        saved = base / name / f"seed{seed}" / "config.json"
+        if saved.is_file():
+            changes = config_changes(cfg, read_json(saved), saved)
+            if changes:
+                stale.append((saved.parent, changes))
+    return stale
+
+
+def settings_hash(runs) -> str:
+    """A short name for a study's settings: the hash of every run's config (so equal settings, equal folder)."""
+    from .config import to_dict
+
+    text = json.dumps([to_dict(cfg) for _, _, cfg in runs], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def run_state(folder: Path) -> str:
     if (folder / "result.json").is_file():
         return "done"
@@ -71,7 +96,7 @@ def run_state(folder: Path) -> str:
 
 def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float = 1.0, root: str | Path = "runs/studies",
            overrides: dict | None = None, devices: list[str] | None = None, cli_overrides: list[str] | None = None,
-           data_dir: str | None = None, slurm=None, wait: bool = False) -> list[dict]:
+           data_dir: str | None = None, slurm=None, wait: bool = False, new_folders: bool = False) -> list[dict]:
     """Run (or continue) every run of a study; return one status row per run.
 
     One device: runs in sequence in this process. Several devices: independent runs side by side, one per
@@ -80,9 +105,20 @@ def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float =
     """
     runs = plan(study, seeds, preset, budget, overrides)
     base = Path(root) / study
+    if new_folders:
+        base = Path(root) / f"{study}@{settings_hash(runs)}"
+    stale = reused_with_other_settings(base, runs)
+    if stale:
+        folder, changes = stale[0]
+        raise ConfigError(f"{base} holds {len(stale)} run(s) trained with other settings ({folder.relative_to(base)}: "
+                          f"{describe_changes(changes)}); its results are not these settings'. Use another --root "
+                          f"or study name, or pass --new-folders to train these settings in {base.name}@<hash>/")
     base.mkdir(parents=True, exist_ok=True)
+    # Written only now: study.json never claims settings that its runs did not use.
     atomic_write_json(base / "study.json", {"study": study, "ablations": STUDIES[study], "seeds": seeds,
                                             "preset": preset, "budget": budget, "overrides": overrides or {}})
+    if new_folders:
+        print(f"these settings train in {base}", flush=True)
     todo = []
     rows = []
     for name, seed, cfg in runs:

@@ -117,17 +117,18 @@ def cmd_ablate(args) -> int:
 
         slurm = resources(args, f"smallvit-{args.study}")
     rows = ablate(args.study, args.seeds, args.preset, args.budget, args.root, overrides, devices, args.set,
-                  args.data_dir, slurm=slurm, wait=args.wait)
+                  args.data_dir, slurm=slurm, wait=args.wait, new_folders=args.new_folders)
+    base = Path(rows[0]["folder"]).parent.parent  # the study folder (STUDY@HASH with --new-folders)
     if slurm is not None:
-        print(status(args.study, args.root))
+        print(status(base.name, base.parent))
         if not args.wait:  # submitted: follow with --status
             return 0
     done = sum(r["state"] == "done" for r in rows)
-    print(f"{done}/{len(rows)} runs done in {Path(args.root) / args.study}")
+    print(f"{done}/{len(rows)} runs done in {base}")
     if done and not args.no_report:
         from .report import report
 
-        print(report(Path(args.root) / args.study)["table"])
+        print(report(base)["table"])
     return 0 if done == len(rows) else 1
 
 
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--status", action="store_true", help="list every run: state, SLURM job, last log line; errors")
+    p.add_argument("--new-folders", action="store_true",
+                   help="settings other than those of the study's existing runs: train them in STUDY@HASH/ beside it "
+                        "(without it, such a study is refused)")
     add_slurm_arguments(p, per_run=True)
     p.set_defaults(fn=cmd_ablate)
 

@@ -11,8 +11,8 @@ import json
 import math
 from pathlib import Path
 
-from .config import ABLATIONS, PAPER_RESULTS
-from .runs import read_metrics
+from .config import ABLATIONS, PAPER_RESULTS, ConfigError
+from .runs import RESUME_FREE_KEYS, read_metrics
 
 
 def collect(folder: Path) -> dict[str, list[dict]]:
@@ -23,7 +23,8 @@ def collect(folder: Path) -> dict[str, list[dict]]:
         rec = json.loads(res.read_text())
         rec["run_dir"] = str(run)
         cfg_file = run / "config.json"
-        rec["seed"] = json.loads(cfg_file.read_text())["train"]["seed"] if cfg_file.is_file() else None
+        rec["config"] = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None  # what the run trained
+        rec["seed"] = rec["config"]["train"]["seed"] if rec["config"] else None
         name = run.parent.name if run.name.startswith("seed") else run.name
         groups.setdefault(name, []).append(rec)
     return groups
@@ -69,7 +70,7 @@ def table_rows(groups: dict[str, list[dict]], baseline: str = "baseline") -> lis
         vm, vs = mean_std(vals) if vals else (None, None)
         rows.append({
             "ablation": name,
-            "diff": json.dumps(ABLATIONS.get(name, recs[0].get("overrides", {}))),
+            "diff": json.dumps(_label(recs, groups.get(baseline), name)),
             "n": len(accs),
             "acc_mean": m,
             "acc_std": s,
@@ -87,6 +88,28 @@ def table_rows(groups: dict[str, list[dict]], baseline: str = "baseline") -> lis
             "seeds": sorted(r["seed"] for r in recs if r.get("seed") is not None),
         })
     return rows
+
+
+def _experiment(config: dict | None) -> dict:
+    """A run's config without the keys that cannot change its result (and its seed): what its group shares."""
+    flat = {f"{s}.{k}": v for s, sub in (config or {}).items() for k, v in sub.items()}
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS and k != "train.seed"}
+
+
+def _label(recs: list[dict], base: list[dict] | None, name: str) -> dict:
+    """The row label, read from the runs' own config.json: the keys where this group differs from the baseline
+    group (or, without one, from the registry's ablation). A group whose runs trained different settings (apart
+    from the seed) is refused: its mean would mix two experiments."""
+    mine = [_experiment(r.get("config")) for r in recs if r.get("config")]
+    odd = next((c for c in mine if c != mine[0]), None)
+    if odd is not None:
+        keys = sorted(k for k in set(mine[0]) | set(odd) if mine[0].get(k) != odd.get(k))
+        raise ConfigError(f"the runs of {name!r} were trained with different settings ({', '.join(keys[:4])}); "
+                          f"a report would mix two experiments: move the odd runs to another folder")
+    ref = _experiment(base[0].get("config")) if base and base[0].get("config") else None
+    if not mine or ref is None:
+        return ABLATIONS.get(name, recs[0].get("overrides", {}))
+    return {k: v for k, v in mine[0].items() if ref.get(k) != v}
 
 
 def _fmt(v, spec):

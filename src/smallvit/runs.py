@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, diff, from_dict
+from .config import Config, ConfigError, diff, from_dict, to_dict
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -383,13 +383,27 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is damaged ({e}); move the run folder aside and start a new run") from None
 
 
-def check_same_config(cfg: Config, saved: dict, source: Path) -> None:
+def config_changes(cfg: Config, saved: dict, source: Path) -> dict[str, tuple]:
+    """{key: (saved value, cfg's value)} for every key outside RESUME_FREE_KEYS where a saved config (a run's
+    config.json or checkpoint) differs from `cfg`: the keys that make it another experiment."""
     try:
         old = from_dict(saved)
     except ConfigError as e:
         raise CheckpointError(f"{source} holds a config this version cannot read ({str(e).splitlines()[0]}); "
                               f"start a new --out folder") from None
-    changed = {k: v for k, v in diff(cfg, old).items() if k not in RESUME_FREE_KEYS}
+    was = to_dict(old)
+    return {k: (was[k.split(".")[0]][k.split(".")[1]], v) for k, v in diff(cfg, old).items()
+            if k not in RESUME_FREE_KEYS}
+
+
+def describe_changes(changes: dict[str, tuple], limit: int = 4) -> str:
+    """"optim.lr 0.001 -> 0.0123, ..." for a refusal message."""
+    parts = [f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items())[:limit]]
+    return ", ".join(parts) + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def check_same_config(cfg: Config, saved: dict, source: Path) -> None:
+    changed = {k: new for k, (_, new) in config_changes(cfg, saved, source).items()}
     if changed:
         raise CheckpointError(f"{source} was written with a different config ({changed}); "
                               f"resume with the same settings or start a new --out folder")
