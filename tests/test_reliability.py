@@ -225,6 +225,27 @@ def test_one_writer_per_run_folder(env, reference, tmp_path):
     assert _curve(out) == _curve(reference)
 
 
+def test_wall_time_checkpoints_bound_what_a_kill_loses(env, reference, tmp_path):
+    """No evaluation and no step interval before the end (the main job's shape): train.checkpoint_every_seconds
+    alone writes checkpoints, so a kill -9 loses only the last interval, and --resume ends at the uninterrupted
+    run's weights."""
+    out = tmp_path / "run"
+    timed = ["train.eval_every_epochs=0", "train.checkpoint_every_seconds=0.3"]
+    pid = env["server"].start(_args(env, out, *timed), tmp_path / "a.log")
+    _wait_for_step(out, 8)
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint.pt").is_file():
+        assert time.monotonic() < deadline, "no wall-time checkpoint was written"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    assert env["server"].wait() == -signal.SIGKILL
+    saved = load_checkpoint(out)["step"]
+    assert 0 < saved < EPOCHS * SPE
+    assert env["server"].run(_args(env, out, *timed, "--resume"), tmp_path / "b.log") == 0
+    _same_weights(out, reference)
+
+
 def test_sigkill_during_a_checkpoint_write_keeps_the_old_one(env, tmp_path):
     """The writer is killed half-way through the temporary file: the previous checkpoint stays complete."""
     out = tmp_path / "run"

@@ -142,6 +142,9 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: str = "stop"  # stop | skip
     checkpoint_every_steps: int = 0  # >0: also checkpoint every N steps, so a SIGKILL loses at most N steps
+    # >0: also checkpoint when this much wall time has passed since the last one (checked at each log step, where
+    # the ranks agree on it), so a SIGKILL loses at most about this much work; 0: off.
+    checkpoint_every_seconds: float = 60.0
     # Start from pretrained weights (pretrained.py): a run folder or checkpoint, a timm ViT state dict, a DINO file.
     init_from: str = ""
     init_strict: bool = True  # false: load what fits, keep the initialisation of other mismatching tensors
@@ -571,6 +574,8 @@ def validate(cfg: Config) -> None:
     _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip")
     _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+    _check(t.checkpoint_every_seconds >= 0, f"train.checkpoint_every_seconds must be >= 0 (0: off), got "
+                                            f"{t.checkpoint_every_seconds}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}")
     stages = res_stages(t.res_schedule)
     ends = [u for _, u in stages]

@@ -38,7 +38,7 @@ from .optim import build_optimizer, lr_at, schedule_factor, set_lr
 from .runs import CHECKPOINT, Records, TrainingError, atomic_write_json, environment, load_model_state
 from .runs import remove_stale_temps, save_checkpoint, truncate_metrics
 from .train import BatchOrder, _check_each_step, _nonfinite_msg, _read_resume_state, _sync, load_data, open_run
-from .train import _say_stopped, finish_run, run_guarded, step_plan
+from .train import CheckpointClock, _say_stopped, finish_run, run_guarded, step_plan
 
 
 class DINOHead(nn.Module):
@@ -230,6 +230,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
         bar = tqdm(total=last_step, initial=step, dynamic_ncols=True, unit="step")
     wall_start, timer_start, stopping = time.perf_counter(), None, False
     check_each_step = _check_each_step(device, t.on_nonfinite)
+    clock = CheckpointClock(t.checkpoint_every_seconds)
     frozen_last = list(student.head.last_layer.parameters())
     try:
         while step < last_step:
@@ -278,11 +279,12 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
             if not (log_now or save_now or stopping):
                 continue
             # one host sync; under torchrun the ranks agree here on stopping
-            flags = torch.cat([stats, torch.tensor([float(stop["signal"] is not None)], device=device)])
+            flags = torch.cat([stats, torch.tensor([float(stop["signal"] is not None), clock.due()], device=device)])
             if world > 1:
                 dist.all_reduce(flags)
-            *sums, signalled = flags.tolist()
+            *sums, signalled, due = flags.tolist()
             stopping = signalled > 0
+            save_now = save_now or due > 0
             if not math.isfinite(sums[0]):
                 raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, before=True))
             if log_now:
@@ -312,6 +314,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
                         bar.write(f"step {step} epoch {step / spe:.2f}: k-NN acc {acc:.2f}%")
                 dist_.on_rank0(checkpoint, world)
                 last_saved = step
+                clock.saved()
                 timer_start = time.perf_counter()
                 if stopping:
                     _say_stopped(bar, stop, step)

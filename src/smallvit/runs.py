@@ -360,6 +360,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 # on_nonfinite, only decide what happens after a fault: the documented fix is to resume with skip).
 RESUME_FREE_KEYS = {"train.max_steps", "train.progress", "train.log_every_steps", "train.device", "train.threads",
                     "train.compile", "train.compile_mode", "train.checkpoint_every_steps", "train.on_nonfinite",
+                    "train.checkpoint_every_seconds",
                     "data.data_dir", "data.download", "train.wandb_project", "train.wandb_entity",
                     "train.wandb_name", "train.wandb_tags"}
 

@@ -252,6 +252,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     chunk = (-1, None, None)  # (chunk index, augmented images, labels) of the current aug_steps steps
 
     check_each_step = _check_each_step(device, t.on_nonfinite)
+    clock = CheckpointClock(t.checkpoint_every_seconds)
     stages = res_stages(t.res_schedule)  # progressive resizing: (size, until fraction of the steps)
     scored = ema.module if ema is not None else model  # the weights evaluations score
     evaluate_ = functools.partial(evaluate, scored, mean=mean, std=std, autocast=autocast, flip=t.eval_flip)
@@ -301,14 +302,16 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             save_now = step in eval_steps or (every > 0 and step % every == 0)
             stopping = world == 1 and stop["signal"] is not None
             if log_now or save_now or stopping:  # one host sync; under torchrun the ranks agree here on stopping
-                flags = torch.tensor([float(loss_count), float(stop["signal"] is not None)], device=device)
+                flags = torch.tensor([float(loss_count), float(stop["signal"] is not None), clock.due()],
+                                     device=device)
                 stats = torch.cat([loss_sum.view(1), flags])
                 if world > 1:
                     dist.all_reduce(stats)
-                total, count, signalled = stats.tolist()
+                total, count, signalled, due = stats.tolist()
                 if not math.isfinite(total):
                     raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, before=True))
                 stopping = signalled > 0
+                save_now = save_now or due > 0
                 pending = (total, int(count))
                 if log_now:
                     _sync(device)
@@ -342,6 +345,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                                   f"{split} loss {eval_loss:.4f}")
                 dist_.on_rank0(checkpoint, world)
                 last_saved = step
+                clock.saved()
                 if timer_start is not None:
                     timer_start = time.perf_counter()
                 if stopping:
@@ -469,6 +473,20 @@ def step_plan(cfg: Config, n: int) -> tuple[int, int, int, int, set[int]]:
     eval_steps = {e * spe for e in range(1, t.epochs + 1) if t.eval_every_epochs and e % t.eval_every_epochs == 0}
     eval_steps = {s for s in eval_steps if s < last_step} | {last_step}  # always evaluate the end (SPEC bug 11)
     return spe, total_steps, cfg.optim.warmup_epochs * spe, last_step, eval_steps
+
+
+class CheckpointClock:
+    """When a wall-time checkpoint is due (train.checkpoint_every_seconds). Each rank reads its own clock at the
+    loop's host sync, where the flags are summed, so every rank saves at the same step when any one is due."""
+
+    def __init__(self, every_seconds: float):
+        self.every, self.last = every_seconds, time.monotonic()
+
+    def due(self) -> float:
+        return float(self.every > 0 and time.monotonic() - self.last >= self.every)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def _say_stopped(bar, stop: dict, step: int) -> None:
