@@ -176,3 +176,57 @@ def test_tiny_imagenet_preset_trains_at_64_px(tmp_path, monkeypatch, one_thread)
     assert p.class_names[:2] == ("thing 0", "thing 1") and p.preprocess.img_size == 64
     assert main(["predict", str(tmp_path / "run"),
                  str(tmp_path / "data" / "tiny-imagenet-200" / "val" / "images" / "val_0.JPEG")]) == 0
+
+
+def test_damaged_cache_is_detected_and_rebuilt(tmp_path, counts, capsys):
+    write_tiny_imagenet(tmp_path)
+    x1, y1 = D.load("tinyimagenet", str(tmp_path), download=False, img_size=64)
+    (cache,) = (tmp_path / "tiny-imagenet-200" / S.CACHE).glob("train-64px-*.npz")
+    with np.load(cache) as z:
+        x, y, sha = z["x"].copy(), z["y"], z["sha1"]
+    x[0, 0, 0, 0] ^= 0xFF  # a flipped byte in a cache that still unzips
+    np.savez(cache, x=x, y=y, sha1=sha)
+    x2, y2 = D.load("tinyimagenet", str(tmp_path), download=False, img_size=64)
+    assert torch.equal(x2, x1) and torch.equal(y2, y1)
+    assert "is damaged; decoding the images again" in capsys.readouterr().out
+    cache.write_bytes(cache.read_bytes()[:1000])  # cut short
+    assert torch.equal(D.load("tinyimagenet", str(tmp_path), download=False, img_size=64)[0], x1)
+    assert torch.equal(D.load("tinyimagenet", str(tmp_path), download=False, img_size=64)[0], x1)  # rebuilt
+    assert capsys.readouterr().out.count("is damaged") == 1
+
+
+CHILD = """
+import dataclasses, json, sys
+from smallvit import data as D, imagesets as S
+S.EXPECTED_COUNTS["tinyimagenet"] = {"train": 12, "val": 6}
+D.DATASETS["tinyimagenet"] = dataclasses.replace(D.DATASETS["tinyimagenet"], archive_md5=sys.argv[2])
+x, y = D.load("tinyimagenet", sys.argv[1], download=False, img_size=64)
+print(json.dumps([x.sum().item(), y.tolist()]))
+"""
+
+
+def test_concurrent_processes_unpack_and_cache_once(tmp_path):
+    """Four processes (as torchrun ranks or SLURM jobs would) find only the archive: one unpacks while the others
+    wait, none deletes another's work, and all get the same images."""
+    import subprocess
+    import sys
+
+    src = write_tiny_imagenet(tmp_path / "src")
+    data = tmp_path / "data"
+    data.mkdir()
+    archive = data / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(src.rglob("*")):
+            z.write(p, p.relative_to(src.parent))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(data), md5], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    got = [o.strip().splitlines()[-1] for o in outs]
+    assert all(g == got[0] for g in got)
+    assert sum("unpacking" in o for o in outs) == 1  # one unpacked; the others waited and found it done
+    assert sorted(p.name for p in data.iterdir() if not p.name.endswith(".lock")) == \
+        ["tiny-imagenet-200", "tiny-imagenet-200.zip"]  # no temporary folder left behind
+    assert len(list((data / "tiny-imagenet-200" / S.CACHE).glob("*.npz"))) == 1
+    assert not list((data / "tiny-imagenet-200" / S.CACHE).glob("*.part"))

@@ -12,10 +12,13 @@ file's path, size and mtime: changing, adding or removing an image decodes it ag
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import tarfile
+import tempfile
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +70,27 @@ def locate(name: str, root: Path, download: bool = True) -> Path:
     if _layout_ok(name, folder):
         return folder
     archive = folder.parent / ARCHIVES[name]
+    with _exclusive(folder.parent / f".{folder.name}.lock"):  # one process unpacks; the others wait, then use it
+        if _layout_ok(name, folder):
+            return folder
+        _fetch_and_unpack(name, info, archive, folder, download)
+    return folder
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive flock on `lock` (waiting for it): several ranks or jobs that find the dataset missing take
+    turns, so no two download or unpack into one folder. The kernel releases it when a holder dies."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fetch_and_unpack(name: str, info, archive: Path, folder: Path, download: bool) -> None:
     if not archive.is_file() and download:
         try:
             _download(info.url, archive)
@@ -79,12 +103,13 @@ def locate(name: str, root: Path, download: bool = True) -> Path:
         raise D.DataError(f"{name}: {archive} has md5 {got}, expected {info.archive_md5}: the archive is corrupt or "
                           f"truncated and was not unpacked. Delete it and download it again from {info.url}.")
     _unpack(name, archive, folder)
-    return folder
 
 
 def _download(url: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")  # this process's own
+    os.close(fd)
+    tmp = Path(tmp)
     try:
         print(f"downloading {url} to {dest} ...", flush=True)
         urllib.request.urlretrieve(url, tmp)
@@ -95,9 +120,7 @@ def _download(url: str, dest: Path) -> None:
 
 def _unpack(name: str, archive: Path, folder: Path) -> None:
     """Unpack into a temporary folder, then rename it into place: a cut-short unpack leaves no half dataset."""
-    tmp = folder.with_name(f".{folder.name}.unpacking")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.unpacking."))  # never another's
     print(f"unpacking {archive} to {folder} ...", flush=True)
     try:
         if archive.suffix == ".zip":
@@ -172,9 +195,9 @@ def load(name: str, root: Path, download: bool = True, train: bool = True, img_s
             raise D.DataError(f"{name}: {p} is listed but missing; delete {folder} and unpack the archive again")
         key.update(f"{p.relative_to(folder)}\t{st.st_size}\t{st.st_mtime_ns}\t{label}\n".encode())
     cache = folder / CACHE / f"{split}-{img_size}px-{key.hexdigest()[:16]}.npz"
-    if cache.is_file():
-        with np.load(cache) as z:
-            return torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
+    cached = _read_cache(cache)
+    if cached is not None:
+        return cached
     x = _decode([p for p, _ in files], img_size)
     y = np.asarray([label for _, label in files], dtype=np.int64)
     _write_cache(cache, x, y)
@@ -200,14 +223,39 @@ def _decode(paths: list[Path], img_size: int) -> np.ndarray:
     return x
 
 
+def _digest(x: np.ndarray, y: np.ndarray) -> str:
+    return hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()
+
+
+def _read_cache(cache: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached arrays if the file is whole and its content matches the checksum stored with it; a damaged cache
+    (cut short, flipped bits) is reported and rebuilt from the images."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache) as z:
+            x, y, sha = z["x"], z["y"], str(z["sha1"])
+        if _digest(x, y) == sha:
+            return torch.from_numpy(x), torch.from_numpy(y)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
+    print(f"note: the decoded-image cache {cache} is damaged; decoding the images again", flush=True)
+    return None
+
+
 def _write_cache(cache: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """Atomic write; older caches of the same split and size go. A read-only folder just means no cache."""
+    """Atomic write through this process's own temporary file (ranks and jobs may write the same cache at once:
+    the last rename wins, and every version is whole); older caches of the same split and size go. A read-only
+    folder just means no cache."""
     try:
         cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_name(cache.name + ".part")
-        with open(tmp, "wb") as f:
-            np.savez(f, x=x, y=y)
-        os.replace(tmp, cache)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, x=x, y=y, sha1=np.array(_digest(x, y)))
+            os.replace(tmp, cache)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         for old in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.npz"):
             if old != cache:
                 old.unlink(missing_ok=True)
