@@ -6,7 +6,9 @@ but on CPU-side numpy RNG). Semantics follow SPEC 5.3-5.4; the order is the refe
 flip -> pad-crop -> AutoAugment (uint8) -> normalise -> Random Erasing -> Mixup/CutMix.
 
 All randomness comes from generators reseeded from (seed, step), so a resumed run augments exactly as an
-uninterrupted one would.
+uninterrupted one would. Under torchrun every per-sample parameter is drawn for the whole global batch and cut to
+this process's shard (data.Shard), and Mixup/CutMix partners are taken from the whole global batch, so a sample is
+augmented the same on any number of processes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.profiler import record_function
 
 from . import cpu_kernels
 from .config import AugConfig
+from .data import Shard
 
 
 @functools.cache
@@ -38,19 +41,23 @@ def _crop_flip_index(H: int, W: int, pad: int, device: torch.device) -> torch.Te
     return (rows.view(1, k, 1, H, 1) + cols.view(2, 1, k, 1, W)).reshape(2, k, k, H * W)
 
 
-def crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator, shard: Shard | None = None
+              ) -> torch.Tensor:
     """Per-sample horizontal flip with p = 0.5, then a random crop after zero padding `pad`. Keeps dtype.
 
-    Both are one gather from the padded batch through a precomputed index row per (flip, oy, ox).
+    Both are one gather from the padded batch through a precomputed index row per (flip, oy, ox). With a shard,
+    x is that shard's rows and the parameters are drawn for the global batches (data.Shard).
     """
     B, C, H, W = x.shape
     dev = x.device
-    do = (torch.rand(B, device=dev, generator=g) < 0.5).long() if flip else torch.zeros(B, dtype=torch.long, device=dev)
+    n, pick = (B, _all) if shard is None else (shard.global_n(B), shard.pick)
+    do = pick((torch.rand(n, device=dev, generator=g) < 0.5).long()) if flip else torch.zeros(B, dtype=torch.long,
+                                                                                             device=dev)
     if pad == 0 and not flip:
         return x
     k = 2 * pad + 1
-    oy = torch.randint(0, k, (B,), device=dev, generator=g)
-    ox = torch.randint(0, k, (B,), device=dev, generator=g)
+    oy = pick(torch.randint(0, k, (n,), device=dev, generator=g))
+    ox = pick(torch.randint(0, k, (n,), device=dev, generator=g))
     if cpu_kernels.usable(x):  # one pass, the same images (cpu_kernels.py)
         return cpu_kernels.crop_flip(x, do, oy, ox, pad)
     index = _crop_flip_index(H, W, pad, dev).view(2 * k * k, H * W).index_select(0, (do * k + oy) * k + ox)
@@ -92,15 +99,19 @@ def erase_boxes(n: int, H: int, W: int, cfg: AugConfig, rng: np.random.Generator
 
 
 def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng: np.random.Generator,
-                   g: torch.Generator | None = None, inplace: bool = False) -> torch.Tensor:
+                   g: torch.Generator | None = None, inplace: bool = False, shard: Shard | None = None
+                   ) -> torch.Tensor:
     """Random Erasing on a normalised float batch (SPEC 5.3.3), one rectangle per selected sample (erase_boxes).
 
     The fill is the reference's (the raw dataset mean written into normalised space), zero, or Gaussian noise drawn
-    from the device generator `g` for the erased samples only. inplace=True writes into x.
+    from the device generator `g` for the erased samples only. inplace=True writes into x. With a shard, x is that
+    shard's rows and boxes and noise are drawn for the global batches (data.Shard).
     """
     B, C, H, W = x.shape
     dev = x.device
-    boxes = erase_boxes(B, H, W, cfg, rng)
+    n, pick = (B, _all) if shard is None else (shard.global_n(B), shard.pick)
+    drawn = erase_boxes(n, H, W, cfg, rng)
+    boxes = pick(drawn)
     rows = np.flatnonzero(boxes[:, 4])
     out = x if inplace else x.clone()
     if rows.size == 0:
@@ -120,8 +131,10 @@ def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng
         fill = fill_mean.view(1, C, 1, 1).to(x.dtype).expand(1, C, 1, 1)
     elif cfg.erase_fill == "zero":
         fill = x.new_zeros(1, 1, 1, 1).expand(1, C, 1, 1)
-    else:
-        fill = torch.randn((rows.size, C, H, W), device=dev, generator=g, dtype=x.dtype)
+    else:  # noise for every erased sample of the global batches, then the shard's own
+        erased_before = np.cumsum(drawn[:, 4]).astype(np.int64) - 1  # each sample's place among the erased ones
+        noise = torch.randn((int(drawn[:, 4].sum()), C, H, W), device=dev, generator=g, dtype=x.dtype)
+        fill = noise if shard is None else noise[torch.from_numpy(pick(erased_before)[rows]).to(dev)]
     # Rows copied as 8-byte words where they divide evenly (faster on CPU than 4-byte elements); an in-place lerp with
     # a 0/1 weight is exact (weight 1 writes `fill`) and, on CPU, ~10x faster than torch.where.
     flat = out.view(B, C * H * W)
@@ -147,11 +160,14 @@ def cutmix_box(H: int, W: int, lam: float, rng: np.random.Generator) -> tuple[in
     return y0, y1, x0, x1, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
 
 
-def mix(x: torch.Tensor, t: torch.Tensor, cfg: AugConfig, rng: np.random.Generator, g_dev: torch.Generator
-        ) -> tuple[torch.Tensor, torch.Tensor, str]:
+def mix(x: torch.Tensor, t: torch.Tensor, cfg: AugConfig, rng: np.random.Generator, g_dev: torch.Generator,
+        shard: Shard | None = None, gather=None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Batch-level Mixup or CutMix with the reference's switch (SPEC 5.4). Returns (x, soft targets, kind).
 
     Scalar decisions (switch, lambda, box) use a host RNG so that a GPU run never waits on the device for them.
+    Partners are a permutation of the global batch: with a shard, x and t are that shard's rows of one global batch,
+    and gather(tensor) must return the concatenation of every shard's tensor in rank order (an all-gather), which
+    is called only when the batch is mixed (with just the CutMix box, for CutMix).
     """
     if not (cfg.mixup or cfg.cutmix):
         return x, t, "none"
@@ -163,15 +179,22 @@ def mix(x: torch.Tensor, t: torch.Tensor, cfg: AugConfig, rng: np.random.Generat
         kind = "mixup" if cfg.mixup else "cutmix"
     a = cfg.mixup_alpha if kind == "mixup" else cfg.cutmix_beta
     lam = float(rng.beta(a, a)) if a > 0 else 1.0
-    perm = torch.randperm(x.shape[0], device=x.device, generator=g_dev)
+    n, pick = (len(x), _all) if shard is None else (shard.global_n(len(x)), shard.pick)
+    whole = _all if shard is None else gather  # the global batch's tensor, where partners are taken from
+    perm = pick(torch.randperm(n, device=x.device, generator=g_dev))  # the partner of each of this shard's samples
     if kind == "mixup":
-        x = torch.lerp(x, x.index_select(0, perm), 1 - lam)  # lam x + (1 - lam) x[perm]
+        x = torch.lerp(x, whole(x).index_select(0, perm), 1 - lam)  # lam x + (1 - lam) x[perm]
     else:
         y0, y1, x0, x1, lam = cutmix_box(x.shape[2], x.shape[3], lam, rng)
-        box = x[:, :, y0:y1, x0:x1].index_select(0, perm)
+        box = whole(x[:, :, y0:y1, x0:x1].contiguous()).index_select(0, perm)
         x = x.clone()
         x[:, :, y0:y1, x0:x1] = box
-    return x, lam * t + (1 - lam) * t[perm], kind
+    return x, lam * t + (1 - lam) * whole(t).index_select(0, perm), kind
+
+
+def _all(drawn):
+    """The rows of a draw that one process takes when it holds the whole batch: all of them."""
+    return drawn
 
 
 def resolution_at(step: int, total_steps: int, stages: tuple[tuple[int, float], ...], full: int) -> int:
@@ -198,11 +221,15 @@ class BatchAugment:
     targets(x, y, step) does the per-batch work (label smoothing, Mixup/CutMix), seeded by the step. One call for
     many images amortises the fixed cost of each op: on a GPU, kernel launches (hundreds per call for the
     sync-free AutoAugment); on a CPU, per-op overhead. __call__ is both for one batch, keyed by its step.
+    Under torchrun, `shard` is this process's part of each global batch and `gather` an all-gather of one step's
+    tensors (mix()); the batches passed are then the shard's rows, and every draw is the global batch's (data.Shard).
     """
 
     def __init__(self, cfg: AugConfig, mean, std, num_classes: int, label_smoothing: float,
-                 device: torch.device, seed: int = 0):
+                 device: torch.device, seed: int = 0, shard: Shard | None = None, gather=None):
         self.cfg, self.num_classes, self.smoothing, self.seed = cfg, num_classes, label_smoothing, seed
+        self.shard = shard if shard is not None and shard.world > 1 else None
+        self.gather = gather
         self.mean = torch.tensor(mean, device=device)
         std = torch.tensor(std, device=device)
         # (x / 255 - mean) / std as one multiply-add on the float batch.
@@ -219,13 +246,13 @@ class BatchAugment:
         """Per-sample augmentation of uint8 images (B, C, H, W) -> normalised float32; a pure function of key."""
         cfg = self.cfg
         self.g_dev.manual_seed(self._seed(key))
-        x = crop_flip(x, cfg.crop_pad, cfg.flip, self.g_dev)
+        x = crop_flip(x, cfg.crop_pad, cfg.flip, self.g_dev, self.shard)
         if cfg.autoaugment != "none":
             x = self._autoaugment(x)
         x = normalise(x, self.scale, self.shift)
         if cfg.erase_p > 0:  # host draws from their own stream: (seed, key, 1), apart from targets()' (seed, step)
             x = random_erasing(x, cfg, self.mean, np.random.default_rng([self._seed(key), 1]), self.g_dev,
-                               inplace=True)
+                               inplace=True, shard=self.shard)
         return x
 
     @record_function("augment")
@@ -234,7 +261,7 @@ class BatchAugment:
         s = self._seed(step)
         self.g_mix.manual_seed(s - 1)
         t = smooth_targets(y, self.num_classes, self.smoothing)
-        x, t, _ = mix(x, t, self.cfg, np.random.default_rng(s), self.g_mix)
+        x, t, _ = mix(x, t, self.cfg, np.random.default_rng(s), self.g_mix, self.shard, self.gather)
         return x, t
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,5 +272,6 @@ class BatchAugment:
 
         cfg = self.cfg
         if cfg.autoaugment == "rand":
-            return autoaugment.randaugment(x, cfg.randaugment_ops, cfg.randaugment_magnitude, self.g_dev)
-        return autoaugment.autoaugment(x, cfg.autoaugment, self.g_dev, rotate_sign=cfg.rotate_sign)
+            return autoaugment.randaugment(x, cfg.randaugment_ops, cfg.randaugment_magnitude, self.g_dev,
+                                           shard=self.shard)
+        return autoaugment.autoaugment(x, cfg.autoaugment, self.g_dev, rotate_sign=cfg.rotate_sign, shard=self.shard)

@@ -449,6 +449,11 @@ def _check(x: torch.Tensor) -> None:
         raise ValueError(f"expected a uint8 batch (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
 
 
+def _all(drawn: torch.Tensor) -> torch.Tensor:
+    """The rows of a draw that one process takes when it holds the whole batch: all of them."""
+    return drawn
+
+
 def _signs(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2, shape, generator=g, device=device).float().mul_(2).sub_(1)
 
@@ -478,13 +483,15 @@ def _signed_table(device: torch.device) -> torch.Tensor:
 
 
 def autoaugment(x: torch.Tensor, policy: str = "cifar10", generator: torch.Generator | None = None,
-                rotate_sign: str = "random", return_choices: bool = False, sync_free: bool | None = None):
+                rotate_sign: str = "random", return_choices: bool = False, sync_free: bool | None = None,
+                shard=None):
     """AutoAugment a uint8 batch (B, C, H, W) with `policy` (cifar10 | svhn | imagenet); same shape, dtype, device.
 
     Each sample draws one sub-policy uniformly, each of its two ops fires with its own probability, and signed ops
     get a random sign per sample and op. rotate_sign="ccw" makes every rotation counter-clockwise (the reference);
     the random draws are the same in both modes, so for one seed the two outputs differ only where a rotation
-    fired with a negative sign. With return_choices=True, returns (images, Choices).
+    fired with a negative sign. With return_choices=True, returns (images, Choices). With a data.Shard, x is that
+    shard's rows and the choices are drawn for the global batches.
     """
     _check(x)
     if policy not in POLICIES:
@@ -493,9 +500,10 @@ def autoaugment(x: torch.Tensor, policy: str = "cifar10", generator: torch.Gener
         raise ValueError(f"rotate_sign must be 'random' or 'ccw', got {rotate_sign!r}")
     B, dev = x.shape[0], x.device
     ops_t, probs_t, mags_t = _policy_tables(policy, dev)
-    sub = torch.randint(0, len(POLICIES[policy]), (B,), generator=generator, device=dev)
-    fired = torch.rand((B, 2), generator=generator, device=dev) < probs_t[sub]
-    sign = _signs((B, 2), generator, dev)
+    n, pick = (B, _all) if shard is None else (shard.global_n(B), shard.pick)
+    sub = torch.randint(0, len(POLICIES[policy]), (n,), generator=generator, device=dev)
+    fired = torch.rand((n, 2), generator=generator, device=dev) < probs_t[sub]
+    sub, fired, sign = pick(sub), pick(fired), pick(_signs((n, 2), generator, dev))
     ops = ops_t[sub]
     if rotate_sign == "ccw":
         sign = torch.where(ops == OP_ID["rotate"], 1.0, sign)
@@ -506,12 +514,12 @@ def autoaugment(x: torch.Tensor, policy: str = "cifar10", generator: torch.Gener
 
 
 def randaugment(x: torch.Tensor, num_ops: int = 2, magnitude: int = 9, generator: torch.Generator | None = None,
-                num_bins: int = 31, return_choices: bool = False, sync_free: bool | None = None):
+                num_bins: int = 31, return_choices: bool = False, sync_free: bool | None = None, shard=None):
     """RandAugment a uint8 batch (B, C, H, W): `num_ops` ops per sample, drawn uniformly from RAND_OPS.
 
     As torchvision.transforms.RandAugment: `magnitude` is a bin on the 0..num_bins-1 scale (0..30 by default;
     9 and 2 ops are torchvision's defaults), signed ops get a random sign per sample and op, and every drawn op
-    is applied.
+    is applied. With a data.Shard, x is that shard's rows and the choices are drawn for the global batches.
     Solarize uses the AutoAugment threshold 256 (1 - f) rather than torchvision's 255 (1 - f).
     """
     _check(x)
@@ -519,8 +527,9 @@ def randaugment(x: torch.Tensor, num_ops: int = 2, magnitude: int = 9, generator
         raise ValueError(f"magnitude must be in [0, {num_bins - 1}], got {magnitude}")
     B, dev = x.shape[0], x.device
     rand_ids, mags = _rand_tables(magnitude / (num_bins - 1), dev)
-    ops = rand_ids[torch.randint(0, len(RAND_OPS), (B, num_ops), generator=generator, device=dev)]
-    sign = _signs((B, num_ops), generator, dev)
+    n, pick = (B, _all) if shard is None else (shard.global_n(B), shard.pick)
+    ops = pick(rand_ids[torch.randint(0, len(RAND_OPS), (n, num_ops), generator=generator, device=dev)])
+    sign = pick(_signs((n, num_ops), generator, dev))
     values = mags[ops] * torch.where(_signed_table(dev)[ops], sign, 1.0)
     fired = torch.ones_like(ops, dtype=torch.bool)
     out = _apply_stages(x, ops, values, fired, RAND_OPS, sync_free)

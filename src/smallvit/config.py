@@ -90,7 +90,8 @@ class AugConfig:
     repeat_mode: str = "passes"
     repeats: int = 3
     # Images augmented per call, as whole steps' batches (at least one): fewer, larger calls amortise per-op costs
-    # (kernel launches on a GPU). 0 = auto: 4096 on CUDA, 512 on CPU. Part of the random stream, like the seed.
+    # (kernel launches on a GPU). 0 = auto: 4096 on CUDA, 512 on CPU. Counted over all processes (each augments its
+    # part), so it is part of the random stream like the seed, but not the number of processes.
     chunk_images: int = 0
 
 

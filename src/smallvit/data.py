@@ -421,3 +421,42 @@ def epoch_indices(n: int, epoch: int, seed: int, repeats: int, mode: str, batch_
 
 def steps_per_epoch(n: int, repeats: int, batch_size: int) -> int:
     return (n * repeats) // batch_size
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One process's part of every global batch of `batch` samples under torchrun: the contiguous samples
+    rank * size .. (rank + 1) * size - 1, size = batch // world.
+
+    Random draws (augmentation, Mixup/CutMix partners, drop path) are made for whole global batches and then cut to
+    the shard with `pick`, so every sample gets the draw it would get in one process, on any number of processes.
+    A batch here may hold several global batches' shards one after another (several steps, or several DINO views):
+    `groups` of them.
+    """
+
+    batch: int
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.batch // self.world
+
+    def groups(self, local_n: int) -> int:
+        """How many global batches a local batch of `local_n` samples holds a shard of."""
+        if local_n % self.size:
+            raise ValueError(f"a batch of {local_n} samples is not a whole number of shards of {self.size}")
+        return local_n // self.size
+
+    def global_n(self, local_n: int) -> int:
+        """The samples to draw for so that a local batch of `local_n` samples can take its rows (`pick`)."""
+        return self.groups(local_n) * self.batch
+
+    def pick(self, drawn):
+        """This shard's rows of `drawn` (a torch tensor or numpy array drawn for `global_n` samples), in order."""
+        if self.world == 1:
+            return drawn
+        groups, rest = len(drawn) // self.batch, tuple(drawn.shape[1:])
+        start = self.rank * self.size
+        return drawn.reshape(groups, self.batch, *rest)[:, start : start + self.size].reshape(groups * self.size,
+                                                                                               *rest)

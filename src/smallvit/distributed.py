@@ -1,4 +1,4 @@
-"""torchrun support: process-group setup, per-rank seeds, and collectives that never leave a rank waiting.
+"""torchrun support: process-group setup, the step seed, and collectives that never leave a rank waiting.
 
 Launch: `torchrun --nproc_per_node=N -m smallvit.cli train ...` (NCCL on GPUs, gloo on CPU). Every rank holds
 the whole dataset and takes a contiguous slice of each global batch (see train.py); rank 0 evaluates and writes.
@@ -45,14 +45,20 @@ def setup(device_cfg: str):
     return rank, world, device, created
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The augmentation seed of a rank: the run's seed on rank 0, and streams that no other (seed, rank) shares."""
-    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]) + 2**32
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the global torch RNG (drop path) for one step, the same on every rank (the model draws for the global
+    batch and keeps its rows: model.draw_for_global_batch), so a resumed run draws the same masks."""
+    # The 0 was the rank when each rank drew its own masks: kept so that one-process runs draw as before.
+    return int(np.random.SeedSequence([seed, 0, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of the global torch RNG (drop path) for one step on one rank, so a resumed run draws the same masks."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+def gather_batch(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's `x` (its slice of one global batch) concatenated in rank order: the global batch's tensor."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def any_rank(flag: torch.Tensor, world: int) -> bool:

@@ -227,6 +227,64 @@ class ViT(nn.Module):
         return self.head(f)  # (B, num_classes)
 
 
+class GlobalDropPath(DropPath):
+    """timm's DropPath whose per-sample masks are drawn for the global batches and cut to this process's shard
+    (a data.Shard), so that under torchrun every sample gets the mask it gets in one process."""
+
+    def __init__(self, drop_prob: float, scale_by_keep: bool, shard):
+        super().__init__(drop_prob, scale_by_keep)
+        self.shard = shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        shape = (self.shard.global_n(x.shape[0]),) + (1,) * (x.ndim - 1)
+        mask = self.shard.pick(x.new_empty(shape).bernoulli_(keep))  # timm's draw, for the global batches
+        if keep > 0.0 and self.scale_by_keep:
+            mask.div_(keep)
+        return x * mask
+
+
+class GlobalPatchDropout(PatchDropout):
+    """timm's PatchDropout whose token choice is drawn for the global batches and cut to this process's shard."""
+
+    def __init__(self, prob: float, num_prefix_tokens: int, ordered: bool, shard):
+        super().__init__(prob, num_prefix_tokens, ordered)
+        self.shard = shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        # timm's patch_dropout_forward draws torch.randn(B, L) and keeps the argsort's first tokens; the same
+        # draw, made for the global batches, then this shard's rows.
+        k = self.num_prefix_tokens
+        noise = self.shard.pick(torch.randn(self.shard.global_n(x.shape[0]), x.shape[1] - k, device=x.device))
+        keep = noise.argsort(dim=-1)[:, : max(1, int(noise.shape[1] * (1.0 - self.prob)))]
+        if self.ordered:
+            keep = keep.sort(dim=-1)[0]
+        patches = x[:, k:].gather(1, keep.unsqueeze(-1).expand((-1, -1) + x.shape[2:]))
+        return torch.cat((x[:, :k], patches), dim=1) if k else patches
+
+
+def draw_for_global_batch(model: nn.Module, shard) -> nn.Module:
+    """Make the model's random layers (drop path, patch dropout; timm's backbones included) draw for the global
+    batches of `shard` (a data.Shard) and keep this process's rows; in one process they draw exactly as before.
+
+    Every batch the model sees in training must then be a whole number of shards (several views are fine).
+    Returns the model.
+    """
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is DropPath:
+                setattr(parent, name, GlobalDropPath(child.drop_prob, child.scale_by_keep, shard))
+            elif type(child) is PatchDropout:
+                setattr(parent, name, GlobalPatchDropout(child.prob, child.num_prefix_tokens, child.ordered, shard))
+            elif isinstance(child, nn.Dropout) and child.p > 0:  # would draw per process: refuse, not differ
+                raise ValueError(f"{name}: nn.Dropout(p={child.p}) has no global-batch draw; set its rate to 0")
+    return model
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The model of `cfg.arch`: this file's ViT, or timm's Swin / CaiT (backbones.py)."""
     from .backbones import build_model as build  # backbones.py imports ViT from here

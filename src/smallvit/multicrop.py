@@ -7,7 +7,9 @@ view: RandomResizedCrop(img_size // 2, local_scale) -> flip -> jitter -> grey ->
 
 Written by hand for the reason augment.py gives: torchvision's v2 transforms draw one parameter set per call, and
 kornia (which draws per sample) is not a dependency; here every random draw comes from a generator seeded by a key
-(the step), so a resumed run crops exactly as the uninterrupted one. Differences from the PIL pipeline, for speed:
+(the step), so a resumed run crops exactly as the uninterrupted one; under torchrun each draw is made for the
+global batch and cut to the rank's slice (data.Shard), so the views do not depend on the number of processes.
+Differences from the PIL pipeline, for speed:
 the crop and its resize are one bicubic `grid_sample` (no antialiasing when a crop shrinks), and ColorJitter's four
 operations run in a fixed order (brightness, contrast, saturation, hue) instead of a random order per image.
 """
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SSLConfig
+from .data import Shard
 
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
@@ -106,11 +109,14 @@ class MultiCrop:
     """uint8 images (B, C, H, W) -> [global views (G*B, C, S, S), local views (L*B, C, s, s)], normalised float32.
 
     Views are crop-major (all images' first view, then all images' second view, ...), as DINO's chunking expects.
-    `views(x, key)` is a pure function of (seed, key).
+    `views(x, key)` is a pure function of (seed, key); with a `shard` (torchrun), x is that shard's slice of the
+    global batch and every draw is the global batch's.
     """
 
-    def __init__(self, cfg: SSLConfig, img_size: int, mean, std, device: torch.device, seed: int = 0):
+    def __init__(self, cfg: SSLConfig, img_size: int, mean, std, device: torch.device, seed: int = 0,
+                 shard: Shard | None = None):
         self.cfg, self.img_size, self.seed = cfg, img_size, seed
+        self.shard = shard if shard is not None and shard.world > 1 else None
         self.local_size = cfg.local_size or img_size // 2
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -135,8 +141,10 @@ class MultiCrop:
 
     def _augment(self, x: torch.Tensor, size: int, scale, blur_p, solar_p) -> torch.Tensor:
         c, g, n, dev = self.cfg, self.g, len(x), x.device
-        rand = lambda: torch.rand(n, device=dev, generator=g)  # noqa: E731
-        boxes = crop_boxes(n, x.shape[2], x.shape[3], scale, g, dev)
+        # Drawn for all N samples of the global batch's views, then this shard's n rows (all of them in one process).
+        N, pick = (n, lambda t: t) if self.shard is None else (self.shard.global_n(n), self.shard.pick)
+        rand = lambda: pick(torch.rand(N, device=dev, generator=g))  # noqa: E731
+        boxes = pick(crop_boxes(N, x.shape[2], x.shape[3], scale, g, dev))
         y = resized_crops(x, boxes, rand() < 0.5, size).div_(255.0).clamp_(0, 1)  # (n, C, S, S) in [0, 1]
         jitter = rand() < c.jitter_p
         b, ct, sat, hue = c.jitter
@@ -153,7 +161,7 @@ class MultiCrop:
             y = torch.where(jitter.view(-1, 1, 1, 1), shift_hue(y, torch.where(jitter, shift, 0.0)), y)
         grey = (rand() < c.grey_p).view(-1, 1, 1, 1)
         y = torch.where(grey, _grey(y).expand_as(y), y)
-        sigma = torch.empty(n, device=dev).uniform_(*c.blur_sigma, generator=g)
+        sigma = pick(torch.empty(N, device=dev).uniform_(*c.blur_sigma, generator=g))
         y = gaussian_blur(y, torch.where(rand() < blur_p, sigma, 0.0), c.blur_sigma[1])
         solar = (rand() < solar_p).view(-1, 1, 1, 1)
         y = torch.where(solar & (y >= 128 / 255), 1 - y, y)  # PIL ImageOps.solarize: threshold 128

@@ -9,7 +9,8 @@ Written by hand (DINO and its heirs are scripts, not libraries); timm supplies t
 position-embedding resampling for the small local views (model.py).
 
 Run folder, records, atomic checkpoints, SIGINT/SIGTERM, torchrun and exact resume are train.py's (shared
-helpers there): the data order, the views and the drop-path masks are pure functions of (seed, rank, step).
+helpers there): the data order, the views and the drop-path masks are pure functions of the seed and the global
+step and sample, never of the rank (each drawn for the global batch and cut to the rank's slice, as in train.py).
 `checkpoint.pt` holds "teacher" and "student" (state dicts with keys backbone.* and head.*), "model" (the teacher
 backbone alone, the same tensors), "center", "optimizer", "step" and the usual resume fields.
 """
@@ -33,12 +34,12 @@ from . import data as D
 from . import distributed as dist_
 from .config import Config, ConfigError, SSLConfig, diff, to_dict
 from .knn import knn_accuracy
-from .model import build_model, count_params
+from .model import build_model, count_params, draw_for_global_batch
 from .optim import build_optimizer, lr_at, schedule_factor, set_lr
 from .runs import CHECKPOINT, Records, TrainingError, atomic_write_json, environment, load_model_state
 from .runs import remove_stale_temps, save_checkpoint, truncate_metrics
 from .train import BatchOrder, _check_each_step, _nonfinite_msg, _read_resume_state, _sync, load_data, open_run
-from .train import CheckpointClock, _say_stopped, finish_run, run_guarded, step_plan
+from .train import CheckpointClock, _say_stopped, finish_run, run_guarded, run_place, step_plan
 
 
 class DINOHead(nn.Module):
@@ -176,8 +177,8 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
 
     # ---- resume
     step, best, history, prior = 0, 0.0, [], {}
-    state = dist_.on_rank0(lambda: _read_resume_state(ckpt_path, cfg) if resume and ckpt_path.is_file() else None,
-                           world)
+    state = dist_.on_rank0(lambda: _read_resume_state(ckpt_path, cfg, device) if resume and ckpt_path.is_file()
+                           else None, world)
     if state is not None:
         load_model_state(student, state["student"], str(ckpt_path))
         load_model_state(teacher, state["teacher"], str(ckpt_path))
@@ -195,10 +196,12 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
             truncate_metrics(out, step)
     net = student
     if world > 1:
+        draw_for_global_batch(student.backbone, D.Shard(t.batch_size, rank, world))  # drop path as in one process
         net = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     if t.compile:
         net = torch.compile(net, mode=None if t.compile_mode == "default" else t.compile_mode)
-    views_of = MultiCrop(s, cfg.model.img_size, info.mean, info.std, device, seed=dist_.rank_seed(t.seed, rank))
+    views_of = MultiCrop(s, cfg.model.img_size, info.mean, info.std, device, seed=t.seed,
+                         shard=D.Shard(t.batch_size, rank, world))
     batch_indices = BatchOrder(cfg, n, spe, rank, world, device)
     records = Records(out, enabled=main)
     if main:
@@ -218,7 +221,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
             "student": student.state_dict(), "center": center, "center_ref": center_ref,
             "optimizer": opt.state_dict(), "step": step, "best_acc": best, "history": history,
             "config": to_dict(cfg), "train_seconds": timed, "train_images": seen, "pending": stats.tolist(),
-            "wall_seconds": wall_before + time.perf_counter() - wall_start,
+            "wall_seconds": wall_before + time.perf_counter() - wall_start, **run_place(world, device),
             "dataset": {"num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
                         "class_names": list(info.class_names)},
         })
@@ -236,7 +239,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
         while step < last_step:
             epoch = step // spe
             views = views_of.views(x_train.index_select(0, batch_indices(step)), step)
-            torch.manual_seed(dist_.step_seed(t.seed, rank, step))  # drop path: a pure function of (seed, rank, step)
+            torch.manual_seed(dist_.step_seed(t.seed, step))  # drop path: a pure function of (seed, step)
             lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
             wd = lr_at(step, total_steps, 0, o.weight_decay, s.weight_decay_end)  # cosine 0.04 -> 0.4
             for g in opt.param_groups:

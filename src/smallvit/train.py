@@ -2,10 +2,15 @@
 
 Reliability (docs/reliability.md): checkpoints are written atomically at evaluations, every
 `train.checkpoint_every_steps` steps and on SIGINT/SIGTERM, and a resumed run repeats the uninterrupted one
-exactly on CPU, because the data order, the augmentation and the drop-path randomness are pure functions of
-(seed, rank, step) (the per-sample augmentation of (seed, rank, chunk of aug.chunk_images images), recomputed
-whole when a run resumes inside a chunk). Under torchrun every rank takes a contiguous slice of each global batch of
-`train.batch_size` images; the learning rate is for that global batch (no scaling with the number of processes).
+exactly on CPU, because the data order, the augmentation and the drop-path randomness are pure functions of the
+seed and the global step and sample, never of the rank (the per-sample augmentation of (seed, chunk of
+aug.chunk_images images of global batches), recomputed whole when a run resumes inside a chunk).
+Under torchrun every rank takes a contiguous slice of each global batch of `train.batch_size` images (data.Shard):
+each random draw is made for the global batch and cut to the rank's slice, and Mixup/CutMix partners come from the
+whole global batch (an all-gather on mixed steps), so N processes train the one-process experiment, equal up to
+the order of float sums; the learning rate is for that global batch (no scaling with the number of processes).
+A checkpoint records the number of processes and the device type; resuming on another number of processes is
+exact, on another device type (other random generators) it is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from . import distributed as dist_
 from . import pretrained, wandb_log
 from .augment import BatchAugment, resize, resolution_at
 from .config import Config, ConfigError, diff, res_stages, to_dict
-from .model import build_model, count_params, flops_per_image
+from .model import build_model, count_params, draw_for_global_batch, flops_per_image
 from .optim import build_optimizer, match_device, schedule_factor, set_lr
 from .runs import (
     CHECKPOINT,
@@ -169,8 +174,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
 
     # ---- resume: rank 0 reads the checkpoint and sends it to the others (no shared filesystem needed)
     step, best_acc, history, prior = 0, 0.0, [], {}
-    state = dist_.on_rank0(lambda: _read_resume_state(ckpt_path, cfg) if resume and ckpt_path.is_file() else None,
-                           world)
+    state = dist_.on_rank0(lambda: _read_resume_state(ckpt_path, cfg, device) if resume and ckpt_path.is_file()
+                           else None, world)
     if state is not None:
         load_model_state(model, state["model"], str(ckpt_path))
         opt.load_state_dict(state["optimizer"])
@@ -188,6 +193,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             truncate_metrics(out, step)
     ddp_model = model
     if world > 1:
+        draw_for_global_batch(model, D.Shard(t.batch_size, rank, world))  # drop path as in one process
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                               else None)
 
@@ -206,8 +212,9 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             step_loss = functools.partial(forward_loss, torch.compile(ddp_model, mode=mode))
         else:  # model and loss in one graph (and its backward in one more)
             step_loss = torch.compile(step_loss, mode=mode)
-    augment = BatchAugment(a, info.mean, info.std, m.num_classes, t.label_smoothing, device,
-                           seed=dist_.rank_seed(t.seed, rank))
+    shard = D.Shard(t.batch_size, rank, world)  # this rank's slice of every global batch
+    augment = BatchAugment(a, info.mean, info.std, m.num_classes, t.label_smoothing, device, seed=t.seed,
+                           shard=shard, gather=functools.partial(dist_.gather_batch, world=world))
 
     # ---- records
     records = Records(out, enabled=main, sinks=[wandb_log.WandbSink(cfg, out)] if main and t.wandb_project else [])
@@ -228,6 +235,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             "optimizer": opt.state_dict(), "step": step, "best_acc": best_acc,
             "history": history, "config": to_dict(cfg), "train_seconds": timed, "train_images": seen,
             "wall_seconds": wall_before + time.perf_counter() - wall_start, "pending_loss": pending,
+            **run_place(world, device),
             "dataset": {"num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
                         "class_names": list(info.class_names)},
         })
@@ -248,7 +256,9 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
     first_step_seconds = None
     batch_indices = BatchOrder(cfg, n, spe, rank, world, device)
-    aug_steps = chunk_steps(a.chunk_images, per_rank, device, x_train[0].numel())
+    # Global batches per augmentation call, counted in global images so the chunks (and their keys) are the same
+    # on any number of processes; each rank augments its slices of them.
+    aug_steps = chunk_steps(a.chunk_images, t.batch_size, device, x_train[0].numel())
     chunk = (-1, None, None)  # (chunk index, augmented images, labels) of the current aug_steps steps
 
     check_each_step = _check_each_step(device, t.on_nonfinite)
@@ -263,7 +273,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                 idx = torch.cat([batch_indices(s) for s in range(c * aug_steps, min((c + 1) * aug_steps,
                                                                                    total_steps))])
                 chunk = (c, augment.images(x_train.index_select(0, idx), c), y_train.index_select(0, idx))
-            torch.manual_seed(dist_.step_seed(t.seed, rank, step))  # drop path: a pure function of (seed, rank, step)
+            torch.manual_seed(dist_.step_seed(t.seed, step))  # drop path: a pure function of (seed, step)
             lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
             xb, tb = augment.targets(chunk[1][j * per_rank : (j + 1) * per_rank],
                                      chunk[2][j * per_rank : (j + 1) * per_rank], step)
@@ -501,13 +511,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def chunk_steps(chunk_images: int, per_rank: int, device: torch.device, image_numel: int = 3 * 32 * 32) -> int:
-    """Steps whose batches are augmented in one call (aug.chunk_images). Auto (0): 4096 images on CUDA, 512 on CPU,
-    fewer for large images, so that the float32 chunk stays within 64 MiB (CUDA) / 8 MiB (CPU, about the L2 cache)."""
+def chunk_steps(chunk_images: int, batch_size: int, device: torch.device, image_numel: int = 3 * 32 * 32) -> int:
+    """Steps whose global batches are augmented in one call (aug.chunk_images, counted over all processes). Auto
+    (0): 4096 images on CUDA, 512 on CPU, fewer for large images, so that the float32 chunk stays within 64 MiB
+    (CUDA) / 8 MiB (CPU, about the L2 cache)."""
     if not chunk_images:
         cap, budget = (4096, 64 << 20) if device.type == "cuda" else (512, 8 << 20)
         chunk_images = min(cap, budget // (4 * image_numel))
-    return max(1, chunk_images // per_rank)
+    return max(1, chunk_images // batch_size)
 
 
 def _check_each_step(device: torch.device, on_nonfinite: str) -> bool:
@@ -516,13 +527,24 @@ def _check_each_step(device: torch.device, on_nonfinite: str) -> bool:
     return device.type == "cpu" or on_nonfinite == "skip"
 
 
-def _read_resume_state(path: Path, cfg: Config) -> dict:
+def run_place(world: int, device: torch.device) -> dict:
+    """What a checkpoint records of where it was trained: the number of processes and the device type."""
+    return {"world_size": world, "device_type": device.type}
+
+
+def _read_resume_state(path: Path, cfg: Config, device: torch.device) -> dict:
     state = load_checkpoint(path)
     missing = [k for k in ("optimizer", "step", "best_acc") if k not in state]
     if missing:
         raise CheckpointError(f"{path} has no {', '.join(missing)}: it holds weights only and cannot be resumed; "
                               f"start a new --out folder")
     check_same_config(cfg, state["config"], path)
+    # Another number of processes continues exactly (every draw is the global batch's), another device type does
+    # not: CUDA and CPU generators give other numbers for one seed, and aug.chunk_images=0 means another chunk.
+    saved = state.get("device_type")  # absent in checkpoints written before it was recorded
+    if saved is not None and saved != device.type:
+        raise CheckpointError(f"{path} was trained on {saved} and cannot continue exactly on {device.type} (other "
+                              f"random streams); resume with train.device={saved}, or start a new --out folder")
     return state
 
 
