@@ -246,6 +246,32 @@ def test_wall_time_checkpoints_bound_what_a_kill_loses(env, reference, tmp_path)
     _same_weights(out, reference)
 
 
+@pytest.mark.parametrize("limit_kib", [100, 2])
+def test_a_write_that_really_fails_is_one_line_and_the_checkpoint_survives(env, tmp_path, limit_kib):
+    """A real failed write, not a stand-in: the resumed process may write files of at most `limit_kib` KiB
+    (RLIMIT_FSIZE, `ulimit -f`; Python ignores SIGXFSZ, so write() fails with EFBIG). 100 KiB: the checkpoint
+    (about 300 KiB) cannot be replaced; 2 KiB: the records cannot be written either. Either way: exit 2, one line
+    that says what to do, and the last checkpoint intact and resumable."""
+    import resource
+
+    out = tmp_path / "run"
+    assert env["server"].run(_args(env, out, "train.max_steps=9"), tmp_path / "a.log") == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    limit = limit_kib * 1024
+    p = subprocess.Popen([sys.executable, str(env["driver"]), str(env["sums"]),
+                          *_args(env, out, "train.max_steps=18", "--resume")], cwd=env["root"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err
+    assert err.count("\n") == 1 and err.startswith("smallvit train: error: ") and "Traceback" not in err, err
+    assert "File too large" in err and "--resume" in err, err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))  # the failed temporary file is gone
+    assert env["server"].run(_args(env, out, "train.max_steps=18", "--resume"), tmp_path / "b.log") == 0
+    assert load_checkpoint(out)["step"] == 18
+
+
 def test_sigkill_during_a_checkpoint_write_keeps_the_old_one(env, tmp_path):
     """The writer is killed half-way through the temporary file: the previous checkpoint stays complete."""
     out = tmp_path / "run"
