@@ -16,7 +16,16 @@ from smallvit.config import make_config
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("SMALLVIT_REAL_DATA", REPO.parent / "shared" / "data"))
 HAVE_REAL = (REAL_DATA / "cifar-10-batches-py" / "test_batch").is_file()
-needs_real_cifar = pytest.mark.skipif(not HAVE_REAL, reason=f"real CIFAR-10 not found at {REAL_DATA}")
+# In CI (SMALLVIT_REQUIRE_SERVICES=1, .ci/run) the real data must be there: a missing copy fails, never skips.
+if not HAVE_REAL and os.environ.get("SMALLVIT_REQUIRE_SERVICES") == "1":
+    needs_real_cifar = pytest.mark.usefixtures("_real_cifar_required")
+else:
+    needs_real_cifar = pytest.mark.skipif(not HAVE_REAL, reason=f"real CIFAR-10 not found at {REAL_DATA}")
+
+
+@pytest.fixture
+def _real_cifar_required():
+    pytest.fail(f"SMALLVIT_REQUIRE_SERVICES=1 but real CIFAR-10 is not at {REAL_DATA}")
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
