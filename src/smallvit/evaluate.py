@@ -2,31 +2,55 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from . import data as D
 from .config import Config, from_dict
-from .model import ViT, build_model
 from .distributed import resolve_device
-from .runs import evaluated_weights, load_checkpoint, load_model_state
+from .model import ViT, build_model
+from .runs import evaluated_weights, load_checkpoint, load_model_state, read_safetensors
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A saved model, ready (eval mode): its config, the dataset facts it was trained with (classes,
+    normalisation; None for older files), whether it is a DINO run's teacher backbone (no head), and its step."""
+
+    model: torch.nn.Module
+    cfg: Config
+    dataset: dict | None
+    backbone_only: bool
+    step: int | None
+
+    @property
+    def meta(self) -> D.DatasetMeta:
+        """Classes and normalisation as trained (from the file), else from the dataset's registry or files."""
+        return D.meta_of(self.cfg, self.dataset)
+
+
+def load_saved(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> Saved:
+    """The one model loader: a run folder, a checkpoint (a training run's evaluated weights, or a pretrain run's
+    teacher backbone) or an exported .safetensors file. eval, predict, export, inspect and knn all use it."""
+    path = Path(run_or_checkpoint)
+    if path.suffix == ".safetensors":
+        weights, config, dataset = read_safetensors(path)
+        state = {"model": weights, "config": config, "dataset": dataset}
+    else:
+        state = load_checkpoint(path)
+    cfg = from_dict(state["config"])
+    backbone_only = "teacher" in state  # pretrain.py saves "model" as the teacher backbone, without a head
+    model = build_model(replace(cfg.model, num_classes=0) if backbone_only else cfg.model)
+    load_model_state(model, evaluated_weights(state), str(run_or_checkpoint))
+    return Saved(model.to(device).eval(), cfg, state.get("dataset"), backbone_only, state.get("step"))
 
 
 def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[ViT, Config]:
-    """A ready model (eval mode) and its config, from a run folder, a checkpoint or an exported .safetensors file."""
-    if Path(run_or_checkpoint).suffix == ".safetensors":
-        from .export import read_safetensors
-
-        weights, config, dataset = read_safetensors(Path(run_or_checkpoint))
-        state = {"model": weights, "config": config, "dataset": dataset}
-    else:
-        state = load_checkpoint(Path(run_or_checkpoint))
-    cfg = from_dict(state["config"])
-    model = build_model(cfg.model)
-    load_model_state(model, evaluated_weights(state), str(run_or_checkpoint))
-    model.saved_dataset = state.get("dataset")  # classes and normalisation as trained (D.meta_of)
-    return model.to(device).eval(), cfg
+    """(model in eval mode, config): `load_saved` for callers that need only these two."""
+    saved = load_saved(run_or_checkpoint, device)
+    return saved.model, saved.cfg
 
 
 @torch.no_grad()
@@ -80,10 +104,10 @@ def evaluate_run(run: str | Path, data_dir: str | None = None, tta_flip: bool = 
                  out_dir: str | Path | None = None, device: str = "auto") -> dict:
     """Test accuracy, per-class accuracy and a confusion-matrix PNG for a run folder or checkpoint."""
     dev = resolve_device(device)
-    model, cfg = load(run, dev)
+    saved = load_saved(run, dev)
+    model, cfg, info = saved.model, saved.cfg, saved.meta
     name = cfg.data.dataset
     root = data_dir if data_dir is not None else cfg.data.data_dir
-    info = D.meta_of(cfg, model.saved_dataset)
     x, y = D.load(name, root, cfg.data.download, train=False, img_size=cfg.model.img_size)
     logits = predict_logits(model, x, info.mean, info.std)
     pred = logits.argmax(1)

@@ -180,42 +180,25 @@ def export_safetensors(model: ViT, cfg, out: Path, prep: dict) -> Path:
     return out
 
 
-def read_safetensors(path: Path) -> tuple[dict, dict, dict | None]:
-    """(state dict, config dict, dataset facts) of a file written by `export_safetensors`."""
-    from safetensors import safe_open
-
-    from .runs import CheckpointError
-
-    try:
-        with safe_open(str(path), "pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
-    except Exception as e:  # noqa: BLE001  (a damaged file: one clear line)
-        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    if meta.get("format") != "smallvit" or "config" not in meta:
-        raise CheckpointError(f"{path} holds no smallvit config (not written by `smallvit export --format "
-                              f"safetensors`); use it through train.init_from instead")
-    return state, json.loads(meta["config"]), json.loads(meta.get("dataset") or "null")
-
-
 def export(run_or_checkpoint: str | Path, fmt: str = "onnx", out: str | Path | None = None, opset: int = OPSET,
            exporter: str = "auto", check: bool = True) -> dict:
     """Export a run's model; write FILE and FILE.json (preprocessing, class names); with `check`, compare the
     export's logits with PyTorch's on a random batch of 3 (tolerance 1e-4; 1e-5 for timm). Returns a small report.
 
     `timm` writes a folder (model.safetensors + timm's config.json) that timm loads by itself."""
-    from .evaluate import load
+    from .evaluate import load_saved
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     run = Path(run_or_checkpoint)
-    model, cfg = load(run, "cpu")
+    saved = load_saved(run, "cpu")
+    model, cfg = saved.model, saved.cfg
     if fmt == "timm":
         timm_model_args(cfg.model)  # refuse before writing anything
     out = Path(out) if out else _default_out(run, fmt)
     m = cfg.model
     try:
-        meta = D.meta_of(cfg, getattr(model, "saved_dataset", None))
+        meta = saved.meta
         prep = {"mean": list(meta.mean), "std": list(meta.std), "class_names": list(meta.class_names)}
     except D.DataError as e:  # a folder dataset that is not here any more: still export, say what is missing
         prep = {"mean": None, "std": None, "class_names": None, "note": str(e).splitlines()[0]}

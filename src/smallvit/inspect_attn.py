@@ -200,12 +200,13 @@ def plot_rollout(imgs: list[np.ndarray], rolls: torch.Tensor, num_cls: int, grid
 def inspect_run(run_or_checkpoint: str | Path, images: int = 4, indices: list[int] | None = None,
                 data_dir: str | None = None, out_dir: str | Path | None = None) -> dict:
     """Attention PNGs for test images of a run's dataset: attn_<index>.png per image and rollout.png for all."""
-    from .evaluate import load
+    from .evaluate import load_saved
     from .predict import predictor
 
     run = Path(run_or_checkpoint)
-    model, cfg = load(run, "cpu")
-    _, preprocess, names = predictor(model, cfg)
+    saved = load_saved(run, "cpu")
+    model, cfg = saved.model, saved.cfg
+    _, preprocess, names = predictor(model, cfg, saved.dataset)
     d = cfg.data
     x, y = D.load(d.dataset, data_dir if data_dir is not None else d.data_dir, d.download, train=False,
                   img_size=cfg.model.img_size)

@@ -9,7 +9,6 @@ Written by hand: a dozen lines of torch, and no maintained library offers it on 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,20 +60,13 @@ def knn_accuracy(model, x_train, y_train, x_test, y_test, mean, std, num_classes
 def knn_run(run: str | Path, k: int | None = None, temperature: float | None = None, train_images: int = 0,
             test_images: int = 0, data_dir: str | None = None, device: str = "auto") -> dict:
     """k-NN accuracy of a saved run's backbone (a pretrain run's teacher, or a trained classifier before its head)."""
-    from .config import from_dict
     from .distributed import resolve_device
-    from .model import build_model
-    from .runs import evaluated_weights, load_checkpoint, load_model_state
+    from .evaluate import load_saved
 
-    state = load_checkpoint(run)
-    cfg = from_dict(state["config"])
     dev = resolve_device(device)
-    ssl_run = "teacher" in state  # pretrain.py saves "model" as the teacher backbone, without a head
-    model = build_model(replace(cfg.model, num_classes=0) if ssl_run else cfg.model)
-    load_model_state(model, evaluated_weights(state), str(run))
-    model.to(dev)
+    saved = load_saved(run, dev)
+    model, cfg, meta = saved.model, saved.cfg, saved.meta
     d = cfg.data
-    meta = D.meta_of(cfg, state.get("dataset"))
     root = data_dir if data_dir is not None else d.data_dir
     x_train, y_train = D.load(d.dataset, root, d.download, train=True, device=dev, img_size=cfg.model.img_size)
     x_test, y_test = D.load(d.dataset, root, d.download, train=False, device=dev, img_size=cfg.model.img_size)
@@ -86,4 +78,4 @@ def knn_run(run: str | Path, k: int | None = None, temperature: float | None = N
     temperature = temperature or cfg.ssl.knn_temp
     acc = knn_accuracy(model, x_train, y_train, x_test, y_test, meta.mean, meta.std, meta.num_classes, k, temperature)
     return {"run": str(run), "knn_acc": acc, "k": k, "temperature": temperature, "train_images": len(x_train),
-            "test_images": len(x_test), "backbone": "teacher" if ssl_run else "model", "step": state.get("step")}
+            "test_images": len(x_test), "backbone": "teacher" if saved.backbone_only else "model", "step": saved.step}

@@ -96,14 +96,16 @@ class Predictor(NamedTuple):
 
 def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> Predictor:
     """A run folder or checkpoint -> Predictor(model in eval mode, preprocessing, class names)."""
-    from .evaluate import load as load_model
+    from .evaluate import load_saved
 
-    return predictor(*load_model(run_or_checkpoint, device))
+    saved = load_saved(run_or_checkpoint, device)
+    return predictor(saved.model, saved.cfg, saved.dataset)
 
 
-def predictor(model: ViT, cfg: Config) -> Predictor:
-    """Wrap a loaded model with the preprocessing and class names of the dataset in its config."""
-    meta = D.meta_of(cfg, getattr(model, "saved_dataset", None))
+def predictor(model: ViT, cfg: Config, dataset: dict | None = None) -> Predictor:
+    """Wrap a loaded model with the preprocessing and class names of its dataset: `dataset` as saved with the
+    weights (evaluate.Saved.dataset), else the dataset in its config."""
+    meta = D.meta_of(cfg, dataset)
     names = tuple(meta.class_names)
     if len(names) != cfg.model.num_classes:  # a head trained for another label count: show indices
         names = tuple(str(i) for i in range(cfg.model.num_classes))

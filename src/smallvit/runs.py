@@ -202,6 +202,22 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
+def read_safetensors(path: Path) -> tuple[dict, dict, dict | None]:
+    """(state dict, config dict, dataset facts) of a file written by `export_safetensors`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
+    except Exception as e:  # noqa: BLE001  (a damaged file: one clear line)
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != "smallvit" or "config" not in meta:
+        raise CheckpointError(f"{path} holds no smallvit config (not written by `smallvit export --format "
+                              f"safetensors`); use it through train.init_from instead")
+    return state, json.loads(meta["config"]), json.loads(meta.get("dataset") or "null")
+
+
 def evaluated_weights(state: dict) -> dict:
     """The weights a run evaluated: the EMA of the weights when it kept one (train.ema_decay), else the model's."""
     return state.get("model_ema") or state["model"]
