@@ -53,6 +53,10 @@ RESUME_FREE_KEYS = {"train.max_steps", "train.progress", "train.log_every_steps"
                     "data.data_dir", "data.download", "train.wandb_project", "train.wandb_entity",
                     "train.wandb_name", "train.wandb_tags"}
 
+# Keys `smallvit train` never reads; the CLI refuses them when set (config.refuse_unread): the DINO section is
+# `smallvit pretrain`'s.
+UNREAD_KEYS = ("ssl.",)
+
 
 def default_run_dir(cfg: Config, root: str = "runs") -> Path:
     """Deterministic folder name from the diff against the baseline: same config, same folder."""
