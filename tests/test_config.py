@@ -46,7 +46,7 @@ def test_unknown_key_lists_valid_keys():
     ("model.depth", "0", ">= 1"),
     ("model.patch_size", "5", "divide"),
     ("model.num_heads", "5", "divide"),
-    ("optim.name", "sgd", "adamw, lion or muon"),
+    ("optim.name", "sgd", "one of adamw, lion, muon"),
     ("model.latent", "qx", "subset"),
 ])
 def test_bad_values_fail_clearly(key, value, words):

@@ -147,7 +147,7 @@ def test_cifar10_run_to_cifar100_model(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(D.CHECKSUMS, "cifar100", _write_fake_cifar100(tmp_path / "data"))
     src = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     torch.manual_seed(0)
-    model = _model(**{"model.num_classes": 100})
+    model = _model(**{"data.dataset": "cifar100", "model.num_classes": 100})
     head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("head.")}
     report = init_from(model, run)
     assert report["reinitialised"] == ["head.bias", "head.weight"] and not report["missing"] + report["unexpected"]
@@ -290,7 +290,8 @@ def test_export_timm_folder_loads_in_timm_offline(run, tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("ablation, reason", [("mla-q", "low-rank"), ("cls2", "2 CLS tokens"),
                                               ("cls1-ca2", "class-attention")])
 def test_export_timm_refuses_what_timm_cannot_express(tmp_path, ablation, reason):
-    cfg = make_config("smoke", ablation=ablation)
+    low_rank = {"model.latent_dim": 16} if ablation.startswith("mla") else {}  # narrower than smoke's 32 channels
+    cfg = make_config("smoke", low_rank, ablation=ablation)
     save_checkpoint(tmp_path / "ckpt.pt", {"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg)})
     with pytest.raises(ExportError, match=reason):
         export(tmp_path / "ckpt.pt", "timm")

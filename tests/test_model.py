@@ -36,7 +36,11 @@ def test_baseline_flops():
 @pytest.mark.parametrize("ablation", list(ABLATIONS))
 def test_every_ablation_forward_backward(ablation):
     torch.manual_seed(0)
-    cfg = make_config("smoke", ablation=ablation)
+    # what the smoke preset's 32 channels and 512 images need: a latent narrower than 32, more images than a batch
+    d = ABLATIONS[ablation]
+    fit = {**({"model.latent_dim": 16} if "model.latent" in d else {}),
+           **({"data.subset": 0} if d.get("train.batch_size", 0) > 512 else {})}
+    cfg = make_config("smoke", fit, ablation=ablation)
     model = build_model(cfg.model)
     x = torch.randn(3, 3, 32, 32)
     out = model(x)

@@ -90,5 +90,5 @@ def test_muon_fallback_is_the_configured_one(fallback):
 def test_muon_fallback_is_validated():
     from smallvit.config import ConfigError
 
-    with pytest.raises(ConfigError, match="optim.muon_fallback must be adamw or nadamw"):
+    with pytest.raises(ConfigError, match="optim.muon_fallback must be one of adamw, nadamw"):
         make_config("baseline", {"optim.muon_fallback": "sgd"})

@@ -116,7 +116,7 @@ def test_teacher_temperature_and_momentum_schedules():
     assert all(a < b for a, b in zip(temps[:10], temps[1:10]))
 
 
-@pytest.mark.parametrize("variant", [{}, {"model.latent": "qkv"}, {"model.num_cls_tokens": 2,
+@pytest.mark.parametrize("variant", [{}, {"model.latent": "qkv", "model.latent_dim": 16}, {"model.num_cls_tokens": 2,
                                                                      "model.class_attn_depth": 1},
                                      {"model.pos_embed": "sincos", "model.num_cls_tokens": 2,
                                       "model.cls_pool": "mean"}])

@@ -489,7 +489,7 @@ def _train_args(data: Path, out: Path, *sets: str) -> list[str]:
     ("model.bogus=1", "unknown config key 'model.bogus'"),
     ("model.depth=abc", "model.depth: expected an integer"),
     ("optim.lr=-1", "optim.lr must be positive"),
-    ("train.on_nonfinite=maybe", "train.on_nonfinite must be stop or skip"),
+    ("train.on_nonfinite=maybe", "train.on_nonfinite must be one of stop, skip"),
     ("model.num_heads=5", "model.num_heads=5 must divide model.embed_dim=32"),
     ("train.device=cuda:7" if not torch.cuda.is_available() else "train.batch_size=100000", ""),
 ])

@@ -9,28 +9,44 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ABLATIONS, PAPER_RESULTS, PRESETS, ConfigError, diff, make_config, parse_overrides, to_dict
+from .config import (ABLATIONS, PAPER_RESULTS, PRESETS, ConfigError, diff, make_config, parse_overrides, refuse_unread,
+                     to_dict)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="baseline", choices=sorted(PRESETS), help="scale of the run")
     p.add_argument("--ablation", default="baseline", help="named ablation (see `smallvit ablations`)")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. model.depth=9 (repeatable)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. model.depth=9 (repeatable); an unknown key lists every key and the "
+                        "choices of each choice key")
     p.add_argument("--data-dir", default=None, help="dataset root (default: $SMALLVIT_DATA or ./data)")
 
 
-def _build(args):
+def _build(args, unread: tuple[str, ...] = ()):
+    """The validated config of --preset, --ablation and --set; keys in `unread` (the command's UNREAD_KEYS) are
+    refused where --ablation or --set moved them from the preset's values. Nothing is read or written before."""
     overrides = parse_overrides(args.set)
     if args.data_dir:
         overrides.setdefault("data.data_dir", args.data_dir)
-    return make_config(args.preset, overrides, ablation=args.ablation)
+    cfg = make_config(args.preset, overrides, ablation=args.ablation)
+    # against the preset, not the baseline: a preset may set keys for another command (quick's aug.*), not the user
+    refuse_unread(cfg, make_config(args.preset), unread, args.command)
+    return cfg
+
+
+def _check_init_from(cfg, resume: bool) -> None:
+    """train.init_from names a file or folder that exists (a resumed run reads its own checkpoint instead)."""
+    path = cfg.train.init_from
+    if path and not resume and not Path(path).exists():
+        raise ConfigError(f"train.init_from={path}: no such file or folder; pass a run folder or a weights file")
 
 
 def cmd_train(args) -> int:
     from .runs import default_run_dir
-    from .train import train
+    from .train import UNREAD_KEYS, train
 
-    cfg = _build(args)
+    cfg = _build(args, UNREAD_KEYS)
+    _check_init_from(cfg, args.resume)
     out = Path(args.out) if args.out else default_run_dir(cfg)
     if args.launcher == "slurm":  # one job of --nodes x --gpus-per-node processes (slurm.py, docs/cluster.md)
         from .slurm import submit_train
@@ -103,6 +119,7 @@ def cmd_ablations(args) -> int:
 
 def cmd_ablate(args) -> int:
     from .ablate import ablate, status
+    from .train import UNREAD_KEYS
 
     if args.status:
         print(status(args.study, args.root))
@@ -110,6 +127,8 @@ def cmd_ablate(args) -> int:
     overrides = parse_overrides(args.set)
     if args.data_dir:
         overrides.setdefault("data.data_dir", args.data_dir)
+    base = make_config(args.preset)  # every run of the study trains: --set values train does not read are refused
+    refuse_unread(make_config(args.preset, overrides), base, UNREAD_KEYS, args.command)
     devices = args.devices.split(",") if args.devices else None
     slurm = None
     if args.launcher == "slurm":
@@ -167,8 +186,9 @@ def cmd_export(args) -> int:
 def cmd_profile(args) -> int:
     from .profile import profile
     from .runs import default_run_dir
+    from .train import UNREAD_KEYS
 
-    cfg = _build(args)
+    cfg = _build(args, UNREAD_KEYS)
     out = Path(args.out) if args.out else default_run_dir(cfg, "runs/profile").parent
     r = profile(cfg, out, wait=args.wait, warmup=args.warmup, active=args.active, with_stack=args.with_stack)
     print(r["markdown"])
@@ -185,10 +205,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretrain import pretrain
+    from .pretrain import UNREAD_KEYS, pretrain
     from .runs import default_run_dir
 
-    cfg = _build(args)
+    cfg = _build(args, UNREAD_KEYS)
     out = Path(args.out) if args.out else default_run_dir(cfg, "runs/pretrain")
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -31,19 +34,20 @@ class ModelConfig:
     latent_kv_shared: bool = False  # beyond the paper: one down-projection feeds both k and v (DeepSeek MLA)
     # Several CLS tokens and class-attention blocks, SPEC 6.7.
     num_cls_tokens: int = 1  # 0: no CLS token, global average pooling of the patch tokens (big_vision's gap)
-    cls_pool: str = "concat"  # concat: head reads K*D; mean: head reads the mean of the K tokens
+    cls_pool: Literal["concat", "mean"] = "concat"  # concat: head reads K*D; mean: head reads the mean of the K tokens
     class_attn_depth: int = 0
-    class_attn: str = "reference"  # reference: patches projected (SPEC 6.7); cait: patches left unchanged
+    # reference: patches projected (SPEC 6.7); cait: patches left unchanged
+    class_attn: Literal["reference", "cait"] = "reference"
     # Patch-token initialisation, SPEC 6.4 and 6.9.
-    pos_embed: str = "learned"  # learned | sincos
-    patch_init: str = "default"  # default (PyTorch conv init) | whiten
-    whiten_filters: str = "first"  # first: the reference's c*k*k filters; all: every output channel
+    pos_embed: Literal["learned", "sincos"] = "learned"
+    patch_init: Literal["default", "whiten"] = "default"  # default: PyTorch conv init
+    whiten_filters: Literal["first", "all"] = "first"  # first: the reference's c*k*k filters; all: every output channel
     whiten_images: int = 5000
     # Backbone (SPEC 11, `backbones.py`): vit (model.py) | swin | cait (timm's SwinTransformer and Cait classes).
     # swin reads embed_dim (stage 1; doubled per stage), patch_size, mlp_ratio, qkv_bias, norm_eps, drop_path (linear)
     # and the swin_* keys below instead of depth / num_heads; cait reads the ViT's shape keys, class_attn_depth (its
     # class-attention blocks) and layer_scale_init, with a constant drop_path. Defaults are the reference's shapes.
-    arch: str = "vit"
+    arch: Literal["vit", "swin", "cait"] = "vit"
     swin_depths: tuple[int, ...] = (2, 6, 4)  # blocks per stage
     swin_heads: tuple[int, ...] = (3, 6, 12)  # heads per stage
     window_size: int = 4  # a stage whose grid is <= the window attends globally, unshifted (timm)
@@ -55,7 +59,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | svhn | tinyimagenet | cinic10 | folder (ImageFolder at data_dir)
+    # folder: an ImageFolder tree at data_dir
+    dataset: Literal["cifar10", "cifar100", "svhn", "tinyimagenet", "cinic10", "folder"] = "cifar10"
     data_dir: str = ""  # empty: $SMALLVIT_DATA, else ./data
     download: bool = True  # try the official source when files are missing
     subset: int = 0  # >0: use only the first N training images (tests, quick demos)
@@ -71,15 +76,17 @@ class DataConfig:
 class AugConfig:
     crop_pad: int = 4  # random crop after zero padding; 0 disables
     flip: bool = True
-    autoaugment: str = "cifar10"  # cifar10 | svhn | imagenet | rand | none  (README column "-aa")
-    rotate_sign: str = "random"  # random (standard AutoAugment) | ccw (the reference's quirk, SPEC 12.19)
+    autoaugment: Literal["cifar10", "svhn", "imagenet", "rand", "none"] = "cifar10"  # README column "-aa"
+    # random: standard AutoAugment; ccw: the reference's quirk (SPEC 12.19)
+    rotate_sign: Literal["random", "ccw"] = "random"
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
     erase_p: float = 0.25
     erase_area: tuple[float, float] = (0.02, 0.4)
     erase_min_aspect: float = 0.3
     erase_log_aspect: bool = True  # the reference samples the aspect uniformly (SPEC 5.3.3); standard is log-uniform
-    erase_fill: str = "reference"  # reference: raw dataset mean in normalised space | zero | noise
+    # reference: raw dataset mean in normalised space
+    erase_fill: Literal["reference", "zero", "noise"] = "reference"
     mixup: bool = True  # README column "-mixup"
     cutmix: bool = True  # README column "-cutmix"
     mix_p: float = 0.5  # probability that a batch is mixed at all (SPEC 5.4)
@@ -87,7 +94,7 @@ class AugConfig:
     cutmix_beta: float = 1.0
     # SPEC 5.5: "passes" = the single-process meaning (an epoch is `repeats` shuffled passes, no image twice in a
     # batch); "in_batch" = the torchrun meaning (each image `repeats` times in a row inside a batch).
-    repeat_mode: str = "passes"
+    repeat_mode: Literal["passes", "in_batch"] = "passes"
     repeats: int = 3
     # Images augmented per call, as whole steps' batches (at least one): fewer, larger calls amortise per-op costs
     # (kernel launches on a GPU). 0 = auto: 4096 on CUDA, 512 on CPU. Counted over all processes (each augments its
@@ -97,7 +104,7 @@ class AugConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | lion | muon
+    name: Literal["adamw", "lion", "muon"] = "adamw"
     lr: float = 1e-3  # peak learning rate (of the AdamW part for muon)
     min_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -105,14 +112,15 @@ class OptimConfig:
     eps: float = 1e-8
     decay_all: bool = True  # the reference decays every tensor (SPEC 12.13); False: no decay on 1-D, tokens, pos
     warmup_epochs: int = 10
-    schedule: str = "cosine"  # after the warm-up: cosine (SPEC 8) | linear | wsd (flat, then linear; optim.lr_at)
+    # after the warm-up: cosine (SPEC 8) | linear | wsd (flat, then linear; optim.lr_at)
+    schedule: Literal["cosine", "linear", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the last fraction of the post-warm-up steps that decays
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0: no clipping, as the reference
     # Muon's non-matrix part: adamw (the reference, SPEC 7.3) | nadamw (what timm's Muon picks with nesterov=True)
-    muon_fallback: str = "adamw"
+    muon_fallback: Literal["adamw", "nadamw"] = "adamw"
     muon_batched: bool = True  # step same-shape Muon matrices as one stack (far fewer kernel launches); False: timm's
 
 
@@ -133,15 +141,15 @@ class TrainConfig:
     max_steps: int = 0  # >0: stop after this many steps (the schedule still spans the full run)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
     # torch.compile mode: default | reduce-overhead (CUDA graphs: one launch per graph instead of one per kernel,
     # for small models whose steps are launch-bound) | max-autotune | max-autotune-no-cudagraphs
-    compile_mode: str = "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
     log_every_steps: int = 50
     progress: bool = True
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     checkpoint_every_steps: int = 0  # >0: also checkpoint every N steps, so a SIGKILL loses at most N steps
     # >0: also checkpoint when this much wall time has passed since the last one (checked at each log step, where
     # the ranks agree on it), so a SIGKILL loses at most about this much work; 0: off.
@@ -405,9 +413,19 @@ def _leaf_keys(cls, prefix="") -> dict[str, type]:
 VALID_KEYS = _leaf_keys(Config)
 
 
+def choices(t) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed key (e.g. VALID_KEYS["optim.name"]); () for any other type."""
+    return typing.get_args(t) if typing.get_origin(t) is Literal else ()
+
+
 def _coerce(key: str, value, t):
     """Convert `value` (a string from the CLI or a Python value) to type `t`, or raise ConfigError."""
     origin = typing.get_origin(t)
+    if origin is Literal:  # one rule for every choice key, so a new choice needs no hand-written check
+        allowed = choices(t)
+        if isinstance(value, str) and value.strip() in allowed:
+            return value.strip()
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     if isinstance(value, str) and t is not str:
         text = value.strip()
         if t is bool:
@@ -448,6 +466,9 @@ def _coerce(key: str, value, t):
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # JSON's NaN and Infinity parse as floats, but no key means anything by them, and NaN passes no range check
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if t is str:
         return str(value)
@@ -471,9 +492,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
         if key not in VALID_KEYS:
             close = [k for k in VALID_KEYS if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"unknown config key {key!r}.{hint} Valid keys:\n  " + "\n  ".join(sorted(VALID_KEYS))
-            )
+            listed = (f"{k} ({' | '.join(choices(VALID_KEYS[k]))})" if choices(VALID_KEYS[k]) else k
+                      for k in sorted(VALID_KEYS))
+            raise ConfigError(f"unknown config key {key!r}.{hint} Valid keys:\n  " + "\n  ".join(listed))
         section, name = key.split(".")
         sub = getattr(cfg, section)
         sub = replace(sub, **{name: _coerce(key, value, VALID_KEYS[key])})
@@ -487,8 +508,35 @@ def _check(ok: bool, msg: str):
         raise ConfigError(msg)
 
 
-DATASET_NAMES = ("cifar10", "cifar100", "svhn", "tinyimagenet", "cinic10", "folder")
-ARCHS = ("vit", "swin", "cait")
+def _at_least(key: str, value, lo, why: str = "") -> None:
+    _check(value >= lo, f"{key} must be >= {lo}{why}, got {value}")
+
+
+def _positive(key: str, value, why: str = "") -> None:
+    _check(value > 0, f"{key} must be positive{why}, got {value}")
+
+
+def _within(key: str, value, lo, hi, bounds: str = "[]", why: str = "") -> None:
+    """value in the interval lo..hi, each end closed ("[", "]") or open ("(", ")") as `bounds` says."""
+    ok = (value >= lo if bounds[0] == "[" else value > lo) and (value <= hi if bounds[1] == "]" else value < hi)
+    hi_text = "2**32" if hi == SEED_LIMIT else f"{hi:g}"
+    _check(ok, f"{key} must be in {bounds[0]}{lo:g}, {hi_text}{bounds[1]}{why}, got {value}")
+
+
+DATASET_NAMES = choices(VALID_KEYS["data.dataset"])
+ARCHS = choices(VALID_KEYS["model.arch"])
+COMPILE_MODES = choices(VALID_KEYS["train.compile_mode"])
+# What each named dataset gives as data.py reads it (tests/test_config.py holds this against data.DATASETS):
+# (image size, or 0 where image files are decoded at model.img_size; classes; training images). The pickles and
+# .mat files hold 32x32 arrays that nothing resizes. A folder dataset is only known once it is read.
+DATASET_FACTS: dict[str, tuple[int, int, int]] = {
+    "cifar10": (32, 10, 50_000), "cifar100": (32, 100, 50_000), "svhn": (32, 10, 73_257),
+    "tinyimagenet": (0, 200, 100_000), "cinic10": (0, 10, 90_000)}
+# Seeds go into torch generators as (seed * 1_000_003 + key) * 2 + 1 (augment.py, data.py), which must stay below
+# 2**64; 2**32 leaves room for any step count and is what numpy's legacy seeding accepts.
+SEED_LIMIT = 2**32
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?", re.ASCII)
+WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 # Model keys that only some backbones read; any other arch refuses them when they differ from the default.
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("latent", "latent_dim", "latent_kv_shared", "num_cls_tokens", "cls_pool", "class_attn",
@@ -497,8 +545,6 @@ ARCH_KEYS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("swin_depths", "swin_heads", "window_size"), ("swin",)),
     "layer_scale_init": ("cait",),
 }
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def res_stages(text: str) -> tuple[tuple[int, float], ...]:
@@ -514,69 +560,122 @@ def res_stages(text: str) -> tuple[tuple[int, float], ...]:
 
 
 def validate(cfg: Config) -> None:
-    """Check value ranges and cross-field constraints; raise ConfigError naming the key."""
-    m, a, o, t, d = cfg.model, cfg.aug, cfg.optim, cfg.train, cfg.data
-    _check(m.img_size > 0, "model.img_size must be positive")
+    """Check every key's type, range and choice and the rules between keys; raise ConfigError naming the key.
+
+    Called by every way a config is made (make_config, apply_overrides, from_dict), so a command that has a Config
+    has a valid one before it reads any data or writes any file."""
+    for key, t in VALID_KEYS.items():  # types and choices also of configs built in Python, not only of overrides
+        section, name = key.split(".")
+        _coerce(key, getattr(getattr(cfg, section), name), t)
+    _validate_model(cfg.model)
+    _validate_data(cfg)
+    _validate_aug(cfg.aug)
+    _validate_optim(cfg.optim, cfg.train)
+    _validate_train(cfg.train, cfg.model)
+    _validate_ssl(cfg.ssl, cfg.model)
+    _validate_arch(cfg.model)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _positive("model.img_size", m.img_size)
     _check(m.patch_size > 0 and m.img_size % m.patch_size == 0,
            f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
-    _check(m.depth >= 1, f"model.depth must be >= 1, got {m.depth}")
+    _check(m.in_chans == 3, f"model.in_chans must be 3: every dataset is read as RGB images, got {m.in_chans}")
+    _at_least("model.num_classes", m.num_classes, 0, " (0: no head, a feature extractor)")
+    _at_least("model.depth", m.depth, 1)
     _check(m.embed_dim >= 1 and m.num_heads >= 1, "model.embed_dim and model.num_heads must be >= 1")
     _check(m.arch == "swin" or m.embed_dim % m.num_heads == 0,  # swin has its own heads per stage
            f"model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}")
-    _check(m.mlp_ratio > 0, "model.mlp_ratio must be positive")
-    _check(0.0 <= m.drop_path < 1.0, "model.drop_path must be in [0, 1)")
+    _positive("model.mlp_ratio", m.mlp_ratio)
+    _positive("model.norm_eps", m.norm_eps, " (LayerNorm divides by sqrt(var + eps))")
+    _within("model.drop_path", m.drop_path, 0.0, 1.0, "[)")
     _check(set(m.latent) <= set("qkv") and len(set(m.latent)) == len(m.latent),
            f"model.latent must be a subset of 'qkv' (e.g. 'q', 'kv', 'qkv'), got {m.latent!r}")
-    _check(m.latent_dim >= 1, "model.latent_dim must be >= 1")
+    _at_least("model.latent_dim", m.latent_dim, 1)
+    # a factorisation D -> r -> D with r >= D is no low-rank projection, only a larger one: not what "mla" names
+    _check(not m.latent or m.latent_dim < m.embed_dim,
+           f"model.latent_dim={m.latent_dim} must be smaller than model.embed_dim={m.embed_dim} for a low-rank "
+           f"model.latent={m.latent!r}")
     _check(not m.latent_kv_shared or ("k" in m.latent and "v" in m.latent),
            "model.latent_kv_shared needs both k and v in model.latent")
     _check(m.num_cls_tokens >= 0, "model.num_cls_tokens must be >= 0 (0: global average pooling)")
     _check(m.num_cls_tokens or not m.class_attn_depth,
            "model.class_attn_depth needs CLS tokens (model.num_cls_tokens >= 1): class attention updates them")
-    _check(0.0 <= m.patch_drop < 1.0, f"model.patch_drop must be in [0, 1), got {m.patch_drop}")
-    _check(m.cls_pool in ("concat", "mean"), "model.cls_pool must be concat or mean")
-    _check(m.class_attn_depth >= 0, "model.class_attn_depth must be >= 0")
-    _check(m.class_attn in ("reference", "cait"), "model.class_attn must be reference or cait")
-    _check(m.pos_embed in ("learned", "sincos"), "model.pos_embed must be learned or sincos")
+    _within("model.patch_drop", m.patch_drop, 0.0, 1.0, "[)")
+    _at_least("model.class_attn_depth", m.class_attn_depth, 0)
     _check(m.pos_embed != "sincos" or m.embed_dim % 4 == 0, "model.pos_embed=sincos needs embed_dim % 4 == 0")
-    _check(m.patch_init in ("default", "whiten"), "model.patch_init must be default or whiten")
-    _check(m.whiten_filters in ("first", "all"), "model.whiten_filters must be first or all")
-    _check(d.dataset in DATASET_NAMES, f"data.dataset must be {', '.join(DATASET_NAMES[:-1])} or folder (images at "
-                                       f"data.data_dir), got {d.dataset!r}")
-    _check(d.subset >= 0 and d.test_subset >= 0, "data.subset and data.test_subset must be >= 0")
+    # No upper bound: whitening uses the first min(N, training images) images, so the smoke preset's 512 images can
+    # run a study's "whiten" row at the default N.
+    _at_least("model.whiten_images", m.whiten_images, 1, " (whitening is fitted on these images)")
+    _check(all(d >= 1 for d in m.swin_depths) and all(h >= 1 for h in m.swin_heads),
+           f"model.swin_depths and model.swin_heads must be >= 1, got {m.swin_depths} and {m.swin_heads}")
+    _at_least("model.window_size", m.window_size, 1)
+    _positive("model.layer_scale_init", m.layer_scale_init)
+
+
+def _validate_data(cfg: Config) -> None:
+    d, m, a, t = cfg.data, cfg.model, cfg.aug, cfg.train
+    _at_least("data.subset", d.subset, 0, " (0: every training image)")
+    _at_least("data.test_subset", d.test_subset, 0, " (0: every test image)")
     _check(d.val_images >= 0, f"data.val_images must be >= 0 (0: no validation split), got {d.val_images}")
     _check(not d.subset or d.val_images < d.subset,
            f"data.val_images={d.val_images} must be smaller than data.subset={d.subset}")
-    _check(a.autoaugment in ("cifar10", "svhn", "imagenet", "rand", "none"),
-           "aug.autoaugment must be cifar10, svhn, imagenet, rand or none")
-    _check(a.rotate_sign in ("random", "ccw"), "aug.rotate_sign must be random or ccw")
-    _check(0.0 <= a.erase_p <= 1.0, "aug.erase_p must be in [0, 1]")
-    _check(0 < a.erase_area[0] <= a.erase_area[1] < 1, "aug.erase_area must be (lo, hi) with 0 < lo <= hi < 1")
-    _check(0 < a.erase_min_aspect <= 1, "aug.erase_min_aspect must be in (0, 1]")
-    _check(a.erase_fill in ("reference", "zero", "noise"), "aug.erase_fill must be reference, zero or noise")
-    _check(0.0 <= a.mix_p <= 1.0, "aug.mix_p must be in [0, 1]")
-    _check(a.repeat_mode in ("passes", "in_batch"), "aug.repeat_mode must be passes or in_batch")
-    _check(a.repeats >= 1, "aug.repeats must be >= 1")
-    _check(a.crop_pad >= 0, "aug.crop_pad must be >= 0")
-    _check(a.chunk_images >= 0, "aug.chunk_images must be >= 0 (0 = auto)")
-    _check(o.name in ("adamw", "lion", "muon"), f"optim.name must be adamw, lion or muon, got {o.name!r}")
+    _within("data.val_seed", d.val_seed, 0, SEED_LIMIT, "[)")
+    if d.dataset not in DATASET_FACTS:  # a folder: its size and classes are checked when it is read
+        return
+    size, classes, images = DATASET_FACTS[d.dataset]
+    _check(not size or m.img_size == size,
+           f"model.img_size={m.img_size} but {d.dataset}'s images are {size}x{size} and are not resized; use "
+           f"model.img_size={size} (tinyimagenet, cinic10 and folder datasets are resized to any size)")
+    _check(m.num_classes in (0, classes),
+           f"model.num_classes={m.num_classes} but data.dataset={d.dataset} has {classes} classes")
+    n = min(d.subset or images, images)
+    _check(d.val_images < n, f"data.val_images={d.val_images} must be smaller than the {n} training images of "
+                             f"{d.dataset}" + (f" (data.subset={d.subset})" if d.subset else ""))
+    per_epoch = (n - d.val_images) * a.repeats
+    where = (f"data.subset={n}" if d.subset else f"{n} images of {d.dataset}") + (
+        f" - data.val_images={d.val_images}" if d.val_images else "")
+    _check(t.batch_size <= per_epoch, f"train.batch_size={t.batch_size} is larger than the {per_epoch} samples per "
+                                      f"epoch ({where} x aug.repeats={a.repeats})")
+
+
+def _validate_aug(a: AugConfig) -> None:
+    _at_least("aug.crop_pad", a.crop_pad, 0, " (0: no random crop)")
+    _at_least("aug.randaugment_ops", a.randaugment_ops, 1, " (ops per image; aug.autoaugment=none turns it off)")
+    # RandAugment's magnitude is a bin of torchvision's 31 (autoaugment.randaugment: num_bins=31)
+    _within("aug.randaugment_magnitude", a.randaugment_magnitude, 0, 30)
+    _within("aug.erase_p", a.erase_p, 0.0, 1.0)
+    _check(0 < a.erase_area[0] <= a.erase_area[1] < 1,
+           f"aug.erase_area must be (lo, hi) with 0 < lo <= hi < 1, got {a.erase_area}")
+    _within("aug.erase_min_aspect", a.erase_min_aspect, 0.0, 1.0, "(]")
+    _within("aug.mix_p", a.mix_p, 0.0, 1.0)
+    # Beta(alpha, alpha) needs alpha > 0; timm reads 0 as "off", here aug.mixup / aug.cutmix say that
+    _positive("aug.mixup_alpha", a.mixup_alpha, " (turn Mixup off with aug.mixup=false)")
+    _positive("aug.cutmix_beta", a.cutmix_beta, " (turn CutMix off with aug.cutmix=false)")
+    _at_least("aug.repeats", a.repeats, 1)
+    _at_least("aug.chunk_images", a.chunk_images, 0, " (0: auto)")
+
+
+def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:
     _check(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    _check(0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]")
-    _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
-    _check(o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
-    _check(o.schedule in ("cosine", "linear", "wsd"), f"optim.schedule must be cosine, linear or wsd, got {o.schedule!r}")
+    _check(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    _check(all(0 <= b < 1 for b in o.betas), f"optim.betas must each be in [0, 1), got {o.betas}")
+    _positive("optim.eps", o.eps, " (Adam divides by sqrt(v) + eps)")
+    _at_least("optim.warmup_epochs", o.warmup_epochs, 0)
+    _check(o.warmup_epochs < t.epochs, f"optim.warmup_epochs={o.warmup_epochs} must be < train.epochs={t.epochs}")
     _check(0 < o.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
-    _check(o.warmup_epochs < t.epochs or t.epochs == 0, "optim.warmup_epochs must be < train.epochs")
-    _check(t.epochs >= 1, "train.epochs must be >= 1")
-    _check(t.batch_size >= 1, "train.batch_size must be >= 1")
-    _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
-    _check(t.eval_every_epochs >= 0, "train.eval_every_epochs must be >= 0")
-    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
-    _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip")
-    _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
-    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
-    _check(t.checkpoint_every_seconds >= 0, f"train.checkpoint_every_seconds must be >= 0 (0: off), got "
-                                            f"{t.checkpoint_every_seconds}")
+    _positive("optim.muon_lr", o.muon_lr)
+    _within("optim.muon_momentum", o.muon_momentum, 0.0, 1.0, "[)")
+    _at_least("optim.muon_weight_decay", o.muon_weight_decay, 0)
+    _at_least("optim.grad_clip", o.grad_clip, 0, " (0: no clipping)")
+
+
+def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
+    _at_least("train.epochs", t.epochs, 1)
+    _at_least("train.batch_size", t.batch_size, 1)
+    _within("train.label_smoothing", t.label_smoothing, 0.0, 1.0, "[)")
+    _at_least("train.eval_every_epochs", t.eval_every_epochs, 0, " (0: only at the end)")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}")
     stages = res_stages(t.res_schedule)
     ends = [u for _, u in stages]
@@ -587,35 +686,55 @@ def validate(cfg: Config) -> None:
            f"and at most model.img_size={m.img_size}")
     _check(not stages or m.arch == "vit", f"train.res_schedule needs model.arch=vit (timm's {m.arch} is built for one "
                                           f"input size)")
-    _check(o.muon_fallback in ("adamw", "nadamw"), "optim.muon_fallback must be adamw or nadamw")
-    s = cfg.ssl
-    _check(min(s.out_dim, s.head_hidden_dim, s.head_bottleneck_dim, s.head_layers) >= 1,
-           "ssl.out_dim, ssl.head_hidden_dim, ssl.head_bottleneck_dim and ssl.head_layers must be >= 1")
-    _check(0.0 <= s.momentum_teacher <= 1.0 and 0.0 <= s.center_momentum <= 1.0,
-           "ssl.momentum_teacher and ssl.center_momentum must be in [0, 1]")
-    _check(min(s.warmup_teacher_temp, s.teacher_temp, s.student_temp) > 0, "ssl temperatures must be positive")
-    _check(s.warmup_teacher_temp_epochs >= 0 and s.freeze_last_layer_epochs >= 0,
-           "ssl.warmup_teacher_temp_epochs and ssl.freeze_last_layer_epochs must be >= 0")
-    _check(s.weight_decay_end >= 0 and s.clip_grad >= 0, "ssl.weight_decay_end and ssl.clip_grad must be >= 0")
-    _check(s.global_crops >= 2, "ssl.global_crops must be >= 2 (each teacher view teaches the other views)")
-    _check(s.local_crops >= 0 and s.local_size >= 0, "ssl.local_crops and ssl.local_size must be >= 0")
+    _at_least("train.max_steps", t.max_steps, 0, " (0: the whole schedule)")
+    _within("train.seed", t.seed, 0, SEED_LIMIT, "[)")
+    _check(DEVICE.fullmatch(t.device) is not None,
+           f"train.device must be auto, cpu, cuda or cuda:N (N a GPU index), got {t.device!r}")
+    _at_least("train.threads", t.threads, 0, " (0: torch's default)")
+    _at_least("train.log_every_steps", t.log_every_steps, 1)
+    _at_least("train.checkpoint_every_steps", t.checkpoint_every_steps, 0, " (0: at evaluations only)")
+    _at_least("train.checkpoint_every_seconds", t.checkpoint_every_seconds, 0, " (0: off)")
+    _check(not set(t.wandb_project) & set(WANDB_FORBIDDEN),
+           f"train.wandb_project must not contain any of {WANDB_FORBIDDEN}, got {t.wandb_project!r}")
+    for name in ("wandb_entity", "wandb_name", "wandb_tags"):  # read only when logging to W&B
+        _check(t.wandb_project or not getattr(t, name),
+               f"train.{name}={getattr(t, name)!r} needs train.wandb_project (W&B logging is off without it)")
+
+
+def _validate_ssl(s: SSLConfig, m: ModelConfig) -> None:
+    for name in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers", "global_crops", "knn_k"):
+        _at_least(f"ssl.{name}", getattr(s, name), 2 if name == "global_crops" else 1,
+                  " (each teacher view teaches the other views)" if name == "global_crops" else "")
+    for name in ("momentum_teacher", "center_momentum", "jitter_p", "grey_p", "solarize_p"):
+        _within(f"ssl.{name}", getattr(s, name), 0.0, 1.0)
+    for name in ("warmup_teacher_temp", "teacher_temp", "student_temp", "knn_temp"):
+        _positive(f"ssl.{name}", getattr(s, name))
+    for name in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs", "weight_decay_end", "clip_grad",
+                 "local_crops", "local_size", "knn_train_images"):
+        _at_least(f"ssl.{name}", getattr(s, name), 0)
     for name, (lo, hi) in (("global_scale", s.global_scale), ("local_scale", s.local_scale)):
         _check(0 < lo <= hi <= 1, f"ssl.{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {(lo, hi)}")
     local = s.local_size or m.img_size // 2
     _check(s.local_crops == 0 or local % m.patch_size == 0,
            f"ssl local crops of {local} px must be a multiple of model.patch_size={m.patch_size}; set ssl.local_size")
-    _check(all(0 <= p <= 1 for p in (s.jitter_p, s.grey_p, s.solarize_p, *s.blur_p)),
-           "ssl.jitter_p, ssl.grey_p, ssl.solarize_p and ssl.blur_p must be probabilities in [0, 1]")
-    _check(min(s.jitter) >= 0 and s.jitter[3] <= 0.5, "ssl.jitter must be >= 0, with hue <= 0.5")
-    _check(0 < s.blur_sigma[0] <= s.blur_sigma[1], "ssl.blur_sigma must be (lo, hi) with 0 < lo <= hi")
-    _check(s.knn_k >= 1 and s.knn_temp > 0 and s.knn_train_images >= 0,
-           "ssl.knn_k must be >= 1, ssl.knn_temp > 0, ssl.knn_train_images >= 0")
-    _validate_arch(m)
+    _check(all(0 <= p <= 1 for p in s.blur_p), f"ssl.blur_p must be probabilities in [0, 1], got {s.blur_p}")
+    _check(min(s.jitter) >= 0 and s.jitter[3] <= 0.5, f"ssl.jitter must be >= 0, with hue <= 0.5, got {s.jitter}")
+    _check(0 < s.blur_sigma[0] <= s.blur_sigma[1], f"ssl.blur_sigma must be (lo, hi) with 0 < lo <= hi, got "
+                                                   f"{s.blur_sigma}")
+
+
+def refuse_unread(cfg: Config, base: Config, unread: tuple[str, ...], command: str) -> None:
+    """Refuse keys that `command` does not read (dotted keys, or sections as "ssl.") when they differ from `base`
+    (the preset's config): a value that cannot change the run would otherwise be recorded as if it had."""
+    hit = {k: v for k, v in diff(cfg, base).items() if any(k == u or (u.endswith(".") and k.startswith(u))
+                                                           for u in unread)}
+    it = "it" if len(hit) == 1 else "them"
+    _check(not hit, f"{', '.join(f'{k}={v}' for k, v in hit.items())}: not read by `smallvit {command}`, so it "
+                    f"would change nothing; drop {it}")
 
 
 def _validate_arch(m: ModelConfig) -> None:
-    """model.arch and the keys of each backbone (SPEC 11); a key the arch does not read is refused by name."""
-    _check(m.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
+    """The keys of each backbone (SPEC 11); a key the arch does not read is refused by name."""
     default = ModelConfig()
     for key, users in ARCH_KEYS.items():
         value = getattr(m, key)
@@ -626,8 +745,6 @@ def _validate_arch(m: ModelConfig) -> None:
         n, grid = len(m.swin_depths), m.img_size // m.patch_size
         _check(len(m.swin_heads) == n, f"model.swin_heads={m.swin_heads} needs one entry per stage of "
                                        f"model.swin_depths={m.swin_depths}")
-        _check(min(m.swin_depths) >= 1 and min(m.swin_heads) >= 1, "model.swin_depths and swin_heads must be >= 1")
-        _check(m.window_size >= 1, "model.window_size must be >= 1")
         for i, h in enumerate(m.swin_heads):
             size, dim = grid // 2**i, m.embed_dim * 2**i
             _check(grid % 2**i == 0, f"swin: the {grid}x{grid} patch grid cannot be halved {i} times for stage "
@@ -638,7 +755,6 @@ def _validate_arch(m: ModelConfig) -> None:
     if m.arch == "cait":
         _check(m.class_attn_depth >= 1, "model.arch=cait needs model.class_attn_depth >= 1 (its CLS token is "
                                         "updated only there)")
-        _check(m.layer_scale_init > 0, "model.layer_scale_init must be positive")
 
 
 def make_config(preset: str = "baseline", overrides: dict[str, object] | None = None,
@@ -648,9 +764,9 @@ def make_config(preset: str = "baseline", overrides: dict[str, object] | None = 
         raise ConfigError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
     if ablation not in ABLATIONS:
         raise ConfigError(f"unknown ablation {ablation!r}; choose from: {', '.join(ABLATIONS)}")
-    cfg = apply_overrides(Config(), PRESETS[preset])
-    cfg = apply_overrides(cfg, ABLATIONS[ablation])
-    return apply_overrides(cfg, overrides or {})
+    # validated once, as a whole: a rule between keys may need an override to settle what the preset and the
+    # ablation leave (smoke's 32 channels and mla-q's latent_dim 64 need model.latent_dim=16)
+    return apply_overrides(Config(), {**PRESETS[preset], **ABLATIONS[ablation], **(overrides or {})})
 
 
 def to_dict(cfg: Config) -> dict:

@@ -22,6 +22,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():  # config.py checked the form
+        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 

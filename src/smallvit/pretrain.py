@@ -42,6 +42,19 @@ from .train import BatchOrder, _check_each_step, _nonfinite_msg, _read_resume_st
 from .train import CheckpointClock, _say_stopped, finish_run, run_guarded, run_place, step_plan
 
 
+# Keys pre-training never reads; the CLI refuses them when set (config.refuse_unread). DINO makes its own views
+# (ssl.*, multicrop.py), so train.py's supervised augmentation, labels and Mixup/CutMix are unused (aug.repeats and
+# aug.repeat_mode still set the data order); whitening is applied by train.py only; the teacher is the weight EMA;
+# and there is no progressive resizing, init_from or W&B sink here.
+UNREAD_KEYS = (*(f"aug.{k}" for k in ("crop_pad", "flip", "autoaugment", "rotate_sign", "randaugment_ops",
+                                      "randaugment_magnitude", "erase_p", "erase_area", "erase_min_aspect",
+                                      "erase_log_aspect", "erase_fill", "mixup", "cutmix", "mix_p", "mixup_alpha",
+                                      "cutmix_beta", "chunk_images")),
+               "model.patch_init", "model.whiten_filters", "model.whiten_images", "train.label_smoothing",
+               "train.eval_flip", "train.ema_decay", "train.res_schedule", "train.init_from", "train.init_strict",
+               "train.wandb_project", "train.wandb_entity", "train.wandb_name", "train.wandb_tags")
+
+
 class DINOHead(nn.Module):
     """MLP (Linear-GELU ... Linear to the bottleneck) -> L2 normalise -> weight-normalised Linear to out_dim.
 

@@ -55,6 +55,11 @@ from .runs import (
     truncate_metrics,
 )
 
+# Keys `smallvit train` never reads; the CLI refuses them when set (config.refuse_unread): the DINO section is
+# `smallvit pretrain`'s.
+UNREAD_KEYS = ("ssl.",)
+
+
 @torch.no_grad()
 def evaluate(model, x_test, y_test, mean, std, batch_size: int = 500, autocast=contextlib.nullcontext,
              flip: bool = False):
