@@ -51,6 +51,10 @@ class ModelConfig:
     # Beyond the paper: drop this fraction of the patch tokens (random per image) in training (timm's PatchDropout);
     # a step costs about (1 - patch_drop) of the full one. Evaluation always sees every token.
     patch_drop: float = 0.0
+    # How the position table meets another grid (DINO's 16-px local views, train.res_schedule): resample (timm's
+    # resample_abs_pos_embed to the target size, bicubic) | dino (DINO's interpolate_pos_encoding: bicubic with
+    # scale_factor (grid + 0.1) / sqrt(N), which also shifts the sample points; the parent's models/vit.py 178-198).
+    pos_interp: str = "resample"
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,23 @@ class AugConfig:
 class OptimConfig:
     name: str = "adamw"  # adamw | lion | muon
     lr: float = 1e-3  # peak learning rate (of the AdamW part for muon)
+    # absolute: optim.lr is the peak as given | per256: optim.lr is per 256 images, the peak is lr x global batch / 256
+    # (the linear scaling rule of DINO and the parent's train_ssl.py line 320). Only optim.lr: min_lr and muon_lr stay
+    # absolute. optim.resolve_lr applies it; `smallvit info` prints the peak.
+    lr_scale: str = "absolute"
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    decay_all: bool = True  # the reference decays every tensor (SPEC 12.13); False: no decay on 1-D, tokens, pos
+    decay_all: bool = True  # the reference decays every tensor (SPEC 12.13); False: no decay on what no_decay names
+    # With decay_all=false, the tensors without weight decay: 1d-tokens (1-D tensors, cls_token, pos_embed and the
+    # model's no_weight_decay()) | 1d (biases and 1-D tensors only: DINO's get_params_groups, the parent's
+    # utils/utils_ssl.py 616-626, which decays cls_token and pos_embed)
+    no_decay: str = "1d-tokens"
     warmup_epochs: int = 10
+    # Where the linear warm-up starts: min_lr | zero (DINO's cosine_scheduler, start_warmup_value=0: the parent's
+    # utils/utils_ssl.py 223-227). The two differ by at most min_lr, 1% of the pretrain preset's peak: negligible.
+    warmup_from: str = "min_lr"
     schedule: str = "cosine"  # after the warm-up: cosine (SPEC 8) | linear | wsd (flat, then linear; optim.lr_at)
     decay_fraction: float = 0.2  # wsd: the last fraction of the post-warm-up steps that decays
     muon_lr: float = 0.02
@@ -174,6 +189,14 @@ class SSLConfig:
     center_momentum: float = 0.9  # train_ssl.py ViewPredLoss center_momentum
     weight_decay_end: float = 0.4  # cosine from optim.weight_decay (0.04 in the pretrain preset) to this
     clip_grad: float = 3.0  # train_ssl.py --clip_grad: each tensor's gradient norm clipped alone (DINO utils)
+    # What ssl.clip_grad treats as one tensor: separate (q, k and v of a block each alone) | fused (a self-attention
+    # block's q, k and v weights as one tensor, and their biases as another, as the parent's fused qkv Linear
+    # (models/vit.py line 76) is clipped by utils/utils_ssl.py clip_gradients, lines 63-71)
+    clip_qkv: str = "separate"
+    # eval: the teacher runs without drop path (DINO's original: its teacher is built with none) | train: the
+    # teacher keeps the student's drop path (model.drop_path) and training mode, as the parent (train_ssl.py builds
+    # it with drop_path_rate, 0.1 by line 125, at lines 211-222 and never calls eval()), so two teacher passes differ.
+    teacher_mode: str = "eval"
     freeze_last_layer_epochs: int = 1  # train_ssl.py --freeze_last_layer
     global_crops: int = 2  # train_ssl.py: two global views, the only ones the teacher sees
     global_scale: tuple[float, float] = (0.7, 1.0)  # README CIFAR command (train_ssl.py default 0.5-1 for 64 px)
@@ -309,17 +332,25 @@ PRESETS: dict[str, dict[str, object]] = {
                      "aug.autoaugment": "imagenet"},
     "cinic10": {"data.dataset": "cinic10", "model.num_classes": 10, "aug.autoaugment": "cifar10"},
     # DINO pre-training on the training images (smallvit pretrain): the parent project's CIFAR recipe
-    # (README: ViT 192/9/12, patch 4, batch 256 per GPU on 2 GPUs; train_ssl.py: 200 epochs, lr 1e-4 per 512
-    # images with 30 warm-up epochs, weight decay 0.04 -> 0.4, no decay on biases and norms). The ssl.* defaults
-    # carry the rest. Fine-tune with the finetune preset and train.init_from=RUN.
+    # (vits-for-small-scale-datasets at 43a7493; README: ViT 192/9/12, patch 4, batch 256 per GPU on 2 GPUs;
+    # train_ssl.py: 200 epochs, 30 warm-up epochs, weight decay 0.04 -> 0.4). The ssl.* defaults carry the rest.
+    # docs/pretrain.md tables each key against the parent and the original DINO. Fine-tune with the finetune
+    # preset and train.init_from=RUN.
     "pretrain": {
         "model.depth": 9,
+        "model.pos_interp": "dino",  # local views: DINO's interpolate_pos_encoding (models/vit.py 178-198)
         "aug.repeats": 1,
+        # train_ssl.py line 320: lr x batch / 256 (help text lines 116-118), 1e-4 x 512 / 256 = 2e-4 at the peak
         "optim.lr": 1e-4,
+        "optim.lr_scale": "per256",
         "optim.min_lr": 1e-6,
         "optim.weight_decay": 0.04,
         "optim.decay_all": False,
+        "optim.no_decay": "1d",  # utils/utils_ssl.py line 623: only biases and 1-D tensors are not regularised
         "optim.warmup_epochs": 30,
+        "optim.warmup_from": "zero",  # utils/utils_ssl.py 223-227: np.linspace(start_warmup_value=0, lr, ...)
+        "ssl.clip_qkv": "fused",  # models/vit.py line 76 (one qkv Linear), clipped per tensor (utils_ssl.py 63-71)
+        "ssl.teacher_mode": "train",  # train_ssl.py 211-222: drop_path_rate 0.1 (line 125), never put in eval mode
         "train.epochs": 200,
         "train.batch_size": 512,
         "train.eval_every_epochs": 10,
@@ -488,7 +519,8 @@ ARCHS = ("vit", "swin", "cait")
 # Model keys that only some backbones read; any other arch refuses them when they differ from the default.
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("latent", "latent_dim", "latent_kv_shared", "num_cls_tokens", "cls_pool", "class_attn",
-                     "pos_embed", "patch_init", "whiten_filters", "whiten_images", "patch_drop"), ("vit",)),
+                     "pos_embed", "patch_init", "whiten_filters", "whiten_images", "patch_drop", "pos_interp"),
+                    ("vit",)),
     "class_attn_depth": ("vit", "cait"),
     **dict.fromkeys(("swin_depths", "swin_heads", "window_size"), ("swin",)),
     "layer_scale_init": ("cait",),
@@ -537,6 +569,7 @@ def validate(cfg: Config) -> None:
     _check(m.pos_embed != "sincos" or m.embed_dim % 4 == 0, "model.pos_embed=sincos needs embed_dim % 4 == 0")
     _check(m.patch_init in ("default", "whiten"), "model.patch_init must be default or whiten")
     _check(m.whiten_filters in ("first", "all"), "model.whiten_filters must be first or all")
+    _check(m.pos_interp in ("resample", "dino"), f"model.pos_interp must be resample or dino, got {m.pos_interp!r}")
     _check(d.dataset in DATASET_NAMES, f"data.dataset must be {', '.join(DATASET_NAMES[:-1])} or folder (images at "
                                        f"data.data_dir), got {d.dataset!r}")
     _check(d.subset >= 0 and d.test_subset >= 0, "data.subset and data.test_subset must be >= 0")
@@ -557,6 +590,9 @@ def validate(cfg: Config) -> None:
     _check(a.chunk_images >= 0, "aug.chunk_images must be >= 0 (0 = auto)")
     _check(o.name in ("adamw", "lion", "muon"), f"optim.name must be adamw, lion or muon, got {o.name!r}")
     _check(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _check(o.lr_scale in ("absolute", "per256"), f"optim.lr_scale must be absolute or per256, got {o.lr_scale!r}")
+    _check(o.no_decay in ("1d-tokens", "1d"), f"optim.no_decay must be 1d-tokens or 1d, got {o.no_decay!r}")
+    _check(o.warmup_from in ("min_lr", "zero"), f"optim.warmup_from must be min_lr or zero, got {o.warmup_from!r}")
     _check(0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]")
     _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
@@ -591,6 +627,8 @@ def validate(cfg: Config) -> None:
     _check(s.warmup_teacher_temp_epochs >= 0 and s.freeze_last_layer_epochs >= 0,
            "ssl.warmup_teacher_temp_epochs and ssl.freeze_last_layer_epochs must be >= 0")
     _check(s.weight_decay_end >= 0 and s.clip_grad >= 0, "ssl.weight_decay_end and ssl.clip_grad must be >= 0")
+    _check(s.clip_qkv in ("separate", "fused"), f"ssl.clip_qkv must be separate or fused, got {s.clip_qkv!r}")
+    _check(s.teacher_mode in ("eval", "train"), f"ssl.teacher_mode must be eval or train, got {s.teacher_mode!r}")
     _check(s.global_crops >= 2, "ssl.global_crops must be >= 2 (each teacher view teaches the other views)")
     _check(s.local_crops >= 0 and s.local_size >= 0, "ssl.local_crops and ssl.local_size must be >= 0")
     for name, (lo, hi) in (("global_scale", s.global_scale), ("local_scale", s.local_scale)):
