@@ -5,6 +5,10 @@ Both rows run the real loops (`pretrain()` and `train()` with train.max_steps) o
 nor are the k-NN monitor and the evaluation. A pre-training image costs 2 global views (teacher forward, student
 forward + backward) and ssl.local_crops small views (student only); its FLOPs are counted with torch's FlopCounterMode.
 
+Without CIFAR-10 at --data-dir (a lent GPU machine before the data is moved, docs/gpu.md) both rows run on random
+images written in CIFAR-10's layout to a temporary folder: the same work per image, and the table says so.
+--only pretrain measures the DINO row alone (benchmarks/gpu_check.sh's step table).
+
 The GPU-hours are an estimate unless this runs on the GPU itself: from the measured ratio pretrain / fine-tune img/s
 applied to an assumed supervised GPU throughput (--gpu-train-img-s), and from FLOPs at an assumed utilisation.
 
@@ -15,13 +19,18 @@ applied to an assumed supervised GPU throughput (--gpu-train-img-s), and from FL
 from __future__ import annotations
 
 import argparse
+import hashlib
+import pickle
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from smallvit import data as D
 from smallvit.config import make_config, parse_overrides
 from smallvit.data import steps_per_epoch
 from smallvit.model import build_model
@@ -37,6 +46,18 @@ def forward_flops(model, size: int) -> int:
     return int(fc.get_total_flops())
 
 
+def random_cifar10(root: Path, n_train: int, n_test: int = 100) -> None:
+    """Random uint8 images in CIFAR-10's files under root, their md5s registered so that smallvit loads them."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    per = -(-n_train // 5)
+    for name, n in [(f"data_batch_{i + 1}", per) for i in range(5)] + [("test_batch", n_test)]:
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(d))
+        D.CHECKSUMS["cifar10"][name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default="../shared/data")
@@ -47,14 +68,22 @@ def main() -> None:
                     help="assumed supervised GPU img/s (default: the reference's baseline run, SPEC 4)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak (default: H200 dense BF16)")
     ap.add_argument("--mfu", type=float, default=0.2, help="assumed fraction of the peak reached")
+    ap.add_argument("--only", choices=["pretrain"], default=None, help="measure the DINO row alone")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
 
     rows, dev = [], None
+    scratch = tempfile.TemporaryDirectory()
+    source = f"CIFAR-10 at {args.data_dir}"
+    if not (Path(args.data_dir) / "cifar-10-batches-py" / "data_batch_1").is_file():
+        args.data_dir = scratch.name
+        random_cifar10(Path(scratch.name), max(args.batch, 512) * args.steps)
+        source = "random images (CIFAR-10 not found)"
+        print(f"real data unavailable; using {source}", file=sys.stderr)
     common = {"data.data_dir": args.data_dir, "data.download": False, "data.test_subset": 100,
               "train.max_steps": args.steps, "train.progress": False, "train.log_every_steps": args.steps,
               **parse_overrides(args.set)}
-    for preset, run in (("pretrain", pretrain), ("finetune", train)):
+    for preset, run in (("pretrain", pretrain), ("finetune", train))[: 1 if args.only else 2]:
         full = make_config(preset, {k: v for k, v in common.items() if k != "train.max_steps"})
         batch = args.batch or full.train.batch_size
         cfg = make_config(preset, {**common, "train.batch_size": batch, "data.subset": batch * args.steps,
@@ -71,9 +100,10 @@ def main() -> None:
             full.train.batch_size
         rows.append({"row": preset, "img_s": r["train_img_per_s"], "gflop": f / 1e9, "images": images,
                      "epochs": full.train.epochs, "batch": full.train.batch_size, "measured_batch": batch})
-    ratio = rows[0]["img_s"] / rows[1]["img_s"]
-    lines = [f"DINO recipe cost, measured on {dev} (torch {torch.__version__}); "
-             f"{args.steps} steps per row at batch {rows[0]['measured_batch']}, the first not timed.", "",
+    ratio = rows[0]["img_s"] / rows[1]["img_s"] if len(rows) == 2 else float("nan")
+    lines = [f"DINO recipe cost, measured on {dev} (torch {torch.__version__}, {source}); "
+             f"{args.steps} steps per row at batch {rows[0]['measured_batch']}, the first not timed "
+             f"({rows[0]['img_s'] / rows[0]['measured_batch']:.2f} pretrain steps/s).", "",
              "| run | schedule | images | training GFLOP/img | measured img/s | hours here | GPU h (img/s ratio) | "
              f"GPU h (FLOPs at {args.mfu:.0%} of {args.peak_tflops:.0f} TFLOP/s) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -83,9 +113,13 @@ def main() -> None:
         lines.append(f"| {r['row']} | {r['epochs']} epochs x batch {r['batch']} | {r['images'] / 1e6:.2f} M | "
                      f"{r['gflop']:.3f} | {r['img_s']:.1f} | {r['images'] / r['img_s'] / 3600:.0f} | "
                      f"{r['images'] / gpu_img_s / 3600:.2f} | {flop_h:.2f} |")
-    lines += ["", f"pretrain / fine-tune img/s here: {ratio:.3f}. 'GPU h (img/s ratio)' assumes the fine-tuning step "
-              f"runs at {args.gpu_train_img_s:.0f} img/s on the GPU and the pretraining step at that times the ratio "
-              f"measured here; both GPU columns are estimates unless this table was made on the GPU."]
+    if len(rows) == 2:
+        lines += ["", f"pretrain / fine-tune img/s here: {ratio:.3f}. 'GPU h (img/s ratio)' assumes the fine-tuning "
+                  f"step runs at {args.gpu_train_img_s:.0f} img/s on the GPU and the pretraining step at that times "
+                  f"the ratio measured here; both GPU columns are estimates unless this table was made on the GPU."]
+    else:
+        lines += ["", "'hours here' is the whole pretrain schedule at the measured img/s on this device."]
+    scratch.cleanup()
     text = "\n".join(lines)
     print(text)
     if args.out:

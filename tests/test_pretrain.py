@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -271,6 +272,130 @@ def test_pretrain_and_finetune_presets_are_the_parent_projects_recipe():
     p, f = make_config("pretrain"), make_config("finetune")
     assert (p.model.embed_dim, p.model.depth, p.model.num_heads, p.model.patch_size) == (192, 9, 12, 4)
     assert (p.train.epochs, p.train.batch_size, p.optim.lr, p.optim.warmup_epochs) == (200, 512, 1e-4, 30)
+    assert p.model.drop_path == 0.1 and p.ssl.clip_grad == 3.0  # train_ssl.py --drop_path_rate, --clip_grad
     assert (p.ssl.out_dim, p.ssl.local_crops, p.ssl.global_scale, p.ssl.local_scale) == (1024, 8, (0.7, 1.0),
                                                                                          (0.2, 0.5))
-    assert f.model == p.model and f.train.epochs == 100 and f.train.batch_size == 256
+    # the same network (pos_interp only acts at another resolution, which fine-tuning never sees)
+    assert replace(f.model, pos_interp="dino") == p.model and f.train.epochs == 100 and f.train.batch_size == 256
+
+
+# ---- the parent's DINO recipe, point by point (vits-for-small-scale-datasets at 43a7493; docs/pretrain.md table)
+
+
+def test_lr_is_per_256_images_as_the_parent_and_absolute_elsewhere(capsys):
+    from smallvit.optim import param_groups, resolve_lr
+
+    p = make_config("pretrain")
+    # train_ssl.py line 320: args.lr * batch_size_per_gpu * world / 256, with lr 1e-4 and 2 GPUs x 256
+    assert resolve_lr(p.optim, p.train.batch_size).lr == pytest.approx(1e-4 * (256 * 2) / 256)
+    assert resolve_lr(p.optim, 128).lr == pytest.approx(5e-5)  # the rule, not a constant
+    for preset in ("baseline", "finetune", "speedrun", "smoke"):  # every other preset: optim.lr is the peak
+        o = make_config(preset).optim
+        assert o.lr_scale == "absolute" and resolve_lr(o, 4096) == o
+    with pytest.raises(ValueError, match="resolve_lr"):  # a per-256 rate is never read as absolute
+        param_groups(torch.nn.Linear(2, 2), p.optim)
+    assert main(["info", "--preset", "pretrain"]) == 0
+    lr = json.loads(capsys.readouterr().out)["lr"]
+    assert lr == {"optim.lr": 1e-4, "optim.lr_scale": "per256", "global_batch": 512, "peak_lr": pytest.approx(2e-4)}
+
+
+def test_teacher_is_stochastic_as_the_parent_and_deterministic_as_dino():
+    cfg = make_config("smoke", {"ssl.out_dim": 64, "model.drop_path": 0.1})
+    views = MultiCrop(cfg.ssl, 32, MEAN, STD, torch.device("cpu")).views(
+        torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), 0)[:1]
+    assert make_config("pretrain").ssl.teacher_mode == "train"  # train_ssl.py 211-222: never put in eval mode
+    outs = {}
+    for mode in ("train", "eval"):
+        torch.manual_seed(0)
+        teacher = P.make_teacher(P.DINO(cfg), replace(cfg.ssl, teacher_mode=mode)).module
+        with torch.no_grad():
+            outs[mode] = teacher(views), teacher(views)
+        assert teacher.training == (mode == "train") and not any(p.requires_grad for p in teacher.parameters())
+    assert not torch.equal(*outs["train"])  # drop path 0.1: two passes over the same views differ
+    assert torch.equal(*outs["eval"])  # the original DINO's teacher (ssl.teacher_mode=eval)
+
+
+def test_weight_decay_groups_are_the_parents_get_params_groups():
+    from smallvit.optim import param_groups, resolve_lr
+
+    p = make_config("pretrain")
+    net = P.DINO(make_config("smoke", {"ssl.out_dim": 64}))
+    names = {id(x): n for n, x in net.named_parameters()}
+    groups = {g["kind"]: {names[id(x)] for x in g["params"]} for g in param_groups(net, resolve_lr(p.optim, 512))}
+    # utils/utils_ssl.py line 623: not regularised = name ends with .bias or the tensor is 1-D; all else decays
+    want = {n for n, x in net.named_parameters() if x.requires_grad and (n.endswith(".bias") or x.ndim == 1)}
+    assert groups["no-decay"] == want
+    assert {"backbone.cls_token", "backbone.pos_embed"} <= groups["decay"]
+    default = param_groups(net, replace(p.optim, lr_scale="absolute", no_decay="1d-tokens"))  # smallvit's own rule
+    assert "backbone.pos_embed" in {names[id(x)] for x in default[1]["params"]}
+
+
+def test_fused_qkv_is_clipped_as_the_parents_one_qkv_tensor():
+    torch.manual_seed(0)
+    net = P.DINO(make_config("smoke", {"ssl.out_dim": 64}))
+    for x in net.parameters():
+        x.grad = torch.randn_like(x) * 3  # every tensor's norm far above the clip
+    grads = {n: x.grad.clone() for n, x in net.named_parameters()}
+    P.clip_per_tensor_(P.clip_tensors(net, fused_qkv=True), 3.0)
+    for i in range(2):
+        for kind in ("weight", "bias"):
+            # the parent's models/vit.py line 76: one Linear(dim, 3 * dim) whose rows are q, k, v; clip_gradients
+            # (utils_ssl.py 63-71) scales that tensor's gradient by clip / (norm + 1e-6)
+            fused = torch.cat([grads[f"backbone.blocks.{i}.attn.{t}.{kind}"] for t in "qkv"])
+            want = (fused * 3.0 / (fused.norm() + 1e-6)).chunk(3)
+            got = [dict(net.named_parameters())[f"backbone.blocks.{i}.attn.{t}.{kind}"].grad for t in "qkv"]
+            assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+            assert torch.cat(got).norm() == pytest.approx(3.0, rel=1e-5)
+    fc1 = dict(net.named_parameters())["backbone.blocks.0.mlp.fc1.weight"].grad
+    assert fc1.norm() == pytest.approx(3.0, rel=1e-5)  # every other tensor alone
+    P.clip_per_tensor_(P.clip_tensors(net, fused_qkv=False), 1.0)  # DINO on separate q, k, v: each alone
+    qkv = [dict(net.named_parameters())[f"backbone.blocks.0.attn.{t}.weight"].grad for t in "qkv"]
+    assert torch.cat(qkv).norm() == pytest.approx(3**0.5, rel=1e-4)  # together sqrt(3) x the clip: 1.7x
+    assert make_config("pretrain").ssl.clip_qkv == "fused"
+
+
+def test_local_views_interpolate_positions_as_dino():
+    """The parent's interpolate_pos_encoding (models/vit.py 178-198) samples output point i of the 4x4 local grid at
+    (i + 0.5) * 8 / 4.1 - 0.5 of the 8x8 table (scale_factor (w0 + 0.1) / sqrt(N)); resampling to 4 samples at
+    (i + 0.5) * 2 - 0.5. Each is checked against bicubic grid_sample at exactly those points."""
+    import torch.nn.functional as F
+
+    cfg = make_config("smoke", {"model.num_classes": 0, "model.embed_dim": 32})
+    assert make_config("pretrain").model.pos_interp == "dino"
+    torch.manual_seed(0)
+    for mode, step in (("dino", 8 / 4.1), ("resample", 2.0)):
+        net = P.build_model(replace(cfg.model, pos_interp=mode))
+        with torch.no_grad():
+            net.patch_embed.weight.zero_()
+            net.patch_embed.bias.zero_()
+            got = net.tokens(torch.zeros(1, 3, 16, 16))[0]  # (1 + 16, D): CLS, then the 4x4 grid
+            assert torch.equal(got[0], (net.cls_token + net.pos_embed[:, 0])[0, 0])
+            table = net.pos_embed[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)  # (1, D, 8, 8)
+            at = (torch.arange(4) + 0.5) * step - 0.5  # source pixel coordinates
+            norm = (2 * at + 1) / 8 - 1  # grid_sample's align_corners=False coordinates
+            grid = torch.stack(torch.meshgrid(norm, norm, indexing="ij")[::-1], -1)[None]  # (1, 4, 4, (x, y))
+            want = F.grid_sample(table, grid, mode="bicubic", padding_mode="border", align_corners=False)
+        torch.testing.assert_close(got[1:], want[0].permute(1, 2, 0).reshape(16, -1), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # the full grid needs no interpolation
+            assert torch.equal(net.tokens(torch.zeros(1, 3, 32, 32))[0, 1:], net.pos_embed[0, 1:])
+
+
+def test_lr_schedule_is_the_parents_cosine_scheduler():
+    """utils/utils_ssl.py 223-233: np.linspace(0, base, warmup_iters), then final + (base - final) / 2 *
+    (1 + cos(pi * i / len)). smallvit's warm-up (optim.warmup_from=zero) is linear from 0 to the peak at step W, the
+    parent's reaches it at W - 1: at most 1/W of the peak apart during warm-up, equal after it."""
+    import numpy as np
+
+    from smallvit.optim import resolve_lr, schedule_factor
+
+    o = resolve_lr(make_config("pretrain").optim, 512)
+    spe, epochs, warm = 97, 200, 30  # 50,000 images / 512 per step, drop_last
+    W, T = warm * spe, epochs * spe
+    iters = np.arange(T - W)
+    parent = np.concatenate([np.linspace(0, o.lr, W),
+                             o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + np.cos(np.pi * iters / len(iters)))])
+    ours = np.array([schedule_factor(s, T, W, o) * o.lr for s in range(T)])
+    assert ours[0] == 0.0 and abs(ours[:W] - parent[:W]).max() <= 1.001 * o.lr / W
+    assert np.allclose(ours[W:], parent[W:], rtol=1e-9, atol=1e-15)
+    base = make_config("baseline").optim  # every other preset: the warm-up still starts at min_lr
+    assert schedule_factor(0, 100, 10, base) * base.lr == pytest.approx(base.min_lr)

@@ -7,6 +7,7 @@ the `fake_cifar` fixture does in-process: it replaces the checksum table; the ch
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +33,8 @@ from smallvit.train import train
 
 def _no_cluster() -> str:
     """Why the cluster tests cannot run here ("" when they can)."""
+    if importlib.util.find_spec("submitit") is None:
+        return "submitit is not installed (an optional dependency: pip install 'smallvit[slurm]')"
     if shutil.which("sbatch") is None:
         return "sbatch not found: no SLURM here (as root, scripts/slurm-local.sh start makes a one-node cluster)"
     try:

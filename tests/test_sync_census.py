@@ -119,7 +119,9 @@ def test_training_step_has_no_syncing_op(cuda_paths, optim):
     with SyncCensus(host_tensors=host) as c:
         step(1)
     assert not c.syncs, c.report()
-    assert sum(c.host_reads.values()) == (len(host) if optim == "muon" else 0), c.host_reads
+    # timm 1.0.31 reads each counter once per step, 1.0.28 (pyproject's lower bound) twice: host tensors, no sync.
+    reads = sum(c.host_reads.values())
+    assert (reads in (len(host), 2 * len(host))) if optim == "muon" else reads == 0, c.host_reads
     assert not c.created, c.created
     assert torch.isfinite(loss_sum)
 

@@ -111,6 +111,8 @@ def test_load_api_matches_evaluation(run, cifar, tmp_path):
 
 
 def test_export_onnx_gives_the_same_logits(run, cifar, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime (the test extra)")
+    pytest.importorskip("onnx", reason="the opset is read with onnx (the test extra)")
     f = tmp_path / "m.onnx"
     assert main(["export", str(run), "--format", "onnx", "--out", str(f)]) == 0
     report = _json(capsys.readouterr().out)
@@ -131,6 +133,7 @@ def test_export_onnx_gives_the_same_logits(run, cifar, tmp_path, capsys):
 
 
 def test_export_legacy_onnx_torchscript_and_torch_export(run, cifar, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime (the test extra)")
     model, preprocess, _ = smallvit.load(run)
     xb = preprocess(_test_batch(cifar, 5)[0])
     f = tmp_path / "legacy.onnx"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+from timm.layers import trunc_normal_
 from timm.models.cait import Cait as TimmCait
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
@@ -48,6 +49,11 @@ class Cait(TimmCait):
         self.cfg = cfg
         self.grid = cfg.img_size // cfg.patch_size
         self.num_cls = 1
+        # The reference's CaiT embeds patches with a Linear (models/cait.py 192-195) that its _init_weights starts
+        # at trunc-normal(0.02) with a zero bias (lines 236-240); timm's conv keeps PyTorch's default (std about
+        # 0.083 at patch 4, and a non-zero bias). The same weights as a conv, so the reference's start.
+        trunc_normal_(self.patch_embed.proj.weight, std=0.02)
+        nn.init.zeros_(self.patch_embed.proj.bias)
 
 
 ARCHS: dict[str, type[nn.Module]] = {"vit": ViT, "swin": Swin, "cait": Cait}

@@ -86,13 +86,18 @@ def cmd_eval(args) -> int:
 
 def cmd_info(args) -> int:
     from .model import build_model, count_params, flops_per_image
+    from .optim import resolve_lr
 
     cfg = _build(args)
     model = build_model(cfg.model)
+    o = cfg.optim
     info = {
         "preset": args.preset,
         "ablation": args.ablation,
         "diff_from_baseline": diff(cfg),
+        # the learning-rate rule spelled out: optim.lr as given, per 256 images or absolute, and the peak it gives
+        "lr": {"optim.lr": o.lr, "optim.lr_scale": o.lr_scale, "global_batch": cfg.train.batch_size,
+               "peak_lr": resolve_lr(o, cfg.train.batch_size).lr},
         "params": count_params(model),
         "gflops_per_image_forward": round(flops_per_image(model) / 1e9, 4),
         "gflops_per_image_train": round(3 * flops_per_image(model) / 1e9, 4),

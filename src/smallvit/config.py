@@ -55,6 +55,10 @@ class ModelConfig:
     # Beyond the paper: drop this fraction of the patch tokens (random per image) in training (timm's PatchDropout);
     # a step costs about (1 - patch_drop) of the full one. Evaluation always sees every token.
     patch_drop: float = 0.0
+    # How the position table meets another grid (DINO's 16-px local views, train.res_schedule): resample (timm's
+    # resample_abs_pos_embed to the target size, bicubic) | dino (DINO's interpolate_pos_encoding: bicubic with
+    # scale_factor (grid + 0.1) / sqrt(N), which also shifts the sample points; the parent's models/vit.py 178-198).
+    pos_interp: Literal["resample", "dino"] = "resample"
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,23 @@ class AugConfig:
 class OptimConfig:
     name: Literal["adamw", "lion", "muon"] = "adamw"
     lr: float = 1e-3  # peak learning rate (of the AdamW part for muon)
+    # absolute: optim.lr is the peak as given | per256: optim.lr is per 256 images, the peak is lr x global batch / 256
+    # (the linear scaling rule of DINO and the parent's train_ssl.py line 320). Only optim.lr: min_lr and muon_lr stay
+    # absolute. optim.resolve_lr applies it; `smallvit info` prints the peak.
+    lr_scale: Literal["absolute", "per256"] = "absolute"
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    decay_all: bool = True  # the reference decays every tensor (SPEC 12.13); False: no decay on 1-D, tokens, pos
+    decay_all: bool = True  # the reference decays every tensor (SPEC 12.13); False: no decay on what no_decay names
+    # With decay_all=false, the tensors without weight decay: 1d-tokens (1-D tensors, cls_token, pos_embed and the
+    # model's no_weight_decay()) | 1d (biases and 1-D tensors only: DINO's get_params_groups, the parent's
+    # utils/utils_ssl.py 616-626, which decays cls_token and pos_embed)
+    no_decay: Literal["1d-tokens", "1d"] = "1d-tokens"
     warmup_epochs: int = 10
+    # Where the linear warm-up starts: min_lr | zero (DINO's cosine_scheduler, start_warmup_value=0: the parent's
+    # utils/utils_ssl.py 223-227). The two differ by at most min_lr, 1% of the pretrain preset's peak: negligible.
+    warmup_from: Literal["min_lr", "zero"] = "min_lr"
     # after the warm-up: cosine (SPEC 8) | linear | wsd (flat, then linear; optim.lr_at)
     schedule: Literal["cosine", "linear", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the last fraction of the post-warm-up steps that decays
@@ -186,6 +201,14 @@ class SSLConfig:
     center_momentum: float = 0.9  # train_ssl.py ViewPredLoss center_momentum
     weight_decay_end: float = 0.4  # cosine from optim.weight_decay (0.04 in the pretrain preset) to this
     clip_grad: float = 3.0  # train_ssl.py --clip_grad: each tensor's gradient norm clipped alone (DINO utils)
+    # What ssl.clip_grad treats as one tensor: separate (q, k and v of a block each alone) | fused (a self-attention
+    # block's q, k and v weights as one tensor, and their biases as another, as the parent's fused qkv Linear
+    # (models/vit.py line 76) is clipped by utils/utils_ssl.py clip_gradients, lines 63-71)
+    clip_qkv: Literal["separate", "fused"] = "separate"
+    # eval: the teacher runs without drop path (DINO's original: its teacher is built with none) | train: the
+    # teacher keeps the student's drop path (model.drop_path) and training mode, as the parent (train_ssl.py builds
+    # it with drop_path_rate, 0.1 by line 125, at lines 211-222 and never calls eval()), so two teacher passes differ.
+    teacher_mode: Literal["eval", "train"] = "eval"
     freeze_last_layer_epochs: int = 1  # train_ssl.py --freeze_last_layer
     global_crops: int = 2  # train_ssl.py: two global views, the only ones the teacher sees
     global_scale: tuple[float, float] = (0.7, 1.0)  # README CIFAR command (train_ssl.py default 0.5-1 for 64 px)
@@ -321,17 +344,25 @@ PRESETS: dict[str, dict[str, object]] = {
                      "aug.autoaugment": "imagenet"},
     "cinic10": {"data.dataset": "cinic10", "model.num_classes": 10, "aug.autoaugment": "cifar10"},
     # DINO pre-training on the training images (smallvit pretrain): the parent project's CIFAR recipe
-    # (README: ViT 192/9/12, patch 4, batch 256 per GPU on 2 GPUs; train_ssl.py: 200 epochs, lr 1e-4 per 512
-    # images with 30 warm-up epochs, weight decay 0.04 -> 0.4, no decay on biases and norms). The ssl.* defaults
-    # carry the rest. Fine-tune with the finetune preset and train.init_from=RUN.
+    # (vits-for-small-scale-datasets at 43a7493; README: ViT 192/9/12, patch 4, batch 256 per GPU on 2 GPUs;
+    # train_ssl.py: 200 epochs, 30 warm-up epochs, weight decay 0.04 -> 0.4). The ssl.* defaults carry the rest.
+    # docs/pretrain.md tables each key against the parent and the original DINO. Fine-tune with the finetune
+    # preset and train.init_from=RUN.
     "pretrain": {
         "model.depth": 9,
+        "model.pos_interp": "dino",  # local views: DINO's interpolate_pos_encoding (models/vit.py 178-198)
         "aug.repeats": 1,
+        # train_ssl.py line 320: lr x batch / 256 (help text lines 116-118), 1e-4 x 512 / 256 = 2e-4 at the peak
         "optim.lr": 1e-4,
+        "optim.lr_scale": "per256",
         "optim.min_lr": 1e-6,
         "optim.weight_decay": 0.04,
         "optim.decay_all": False,
+        "optim.no_decay": "1d",  # utils/utils_ssl.py line 623: only biases and 1-D tensors are not regularised
         "optim.warmup_epochs": 30,
+        "optim.warmup_from": "zero",  # utils/utils_ssl.py 223-227: np.linspace(start_warmup_value=0, lr, ...)
+        "ssl.clip_qkv": "fused",  # models/vit.py line 76 (one qkv Linear), clipped per tensor (utils_ssl.py 63-71)
+        "ssl.teacher_mode": "train",  # train_ssl.py 211-222: drop_path_rate 0.1 (line 125), never put in eval mode
         "train.epochs": 200,
         "train.batch_size": 512,
         "train.eval_every_epochs": 10,
@@ -540,7 +571,8 @@ WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 # Model keys that only some backbones read; any other arch refuses them when they differ from the default.
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("latent", "latent_dim", "latent_kv_shared", "num_cls_tokens", "cls_pool", "class_attn",
-                     "pos_embed", "patch_init", "whiten_filters", "whiten_images", "patch_drop"), ("vit",)),
+                     "pos_embed", "patch_init", "whiten_filters", "whiten_images", "patch_drop", "pos_interp"),
+                    ("vit",)),
     "class_attn_depth": ("vit", "cait"),
     **dict.fromkeys(("swin_depths", "swin_heads", "window_size"), ("swin",)),
     "layer_scale_init": ("cait",),

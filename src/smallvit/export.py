@@ -145,6 +145,7 @@ def _move_into(tmp: Path, out: Path) -> None:
 
 def export_timm(model: ViT, out: Path, prep: dict, provenance: dict | None = None) -> Path:
     """Write `out`/model.safetensors + config.json (timm's own writer) for timm.create_model("local-dir:out")."""
+    import inspect
     import tempfile
 
     from timm.models import save_for_hf
@@ -160,7 +161,12 @@ def export_timm(model: ViT, out: Path, prep: dict, provenance: dict | None = Non
         extra = {"pretrained_cfg": {"tag": "smallvit", "license": None}, "smallvit": provenance or {}}
         if prep.get("class_names"):
             extra["label_names"] = prep["class_names"]
-        save_for_hf(tm, tmp, safe_serialization=True, data_config=data, model_config=extra)
+        if "data_config" in inspect.signature(save_for_hf).parameters:
+            save_for_hf(tm, tmp, safe_serialization=True, data_config=data, model_config=extra)
+        else:  # older timm (1.0.28, pyproject's lower bound) records neither the preprocessing nor the model's
+            # arguments by itself: both are written into config.json as timm.create_model("local-dir:") reads them
+            tm.pretrained_cfg = {**tm.pretrained_cfg, **data, **extra.pop("pretrained_cfg")}
+            save_for_hf(tm, tmp, safe_serialization=True, model_config=extra, model_args=timm_model_args(c))
         _move_into(Path(tmp), out)
         Path(tmp).mkdir()  # TemporaryDirectory removes it on exit
     return out

@@ -31,6 +31,19 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, num_cls: int = 0) -> to
     return torch.cat([torch.zeros(num_cls, dim, dtype=torch.float64), table]).float()
 
 
+def dino_interpolate_pos(pos: torch.Tensor, h: int, w: int, num_cls: int) -> torch.Tensor:
+    """(1, K + N, D) table -> (1, K + h*w, D) as DINO's interpolate_pos_encoding (vision_transformer.py, and the
+    parent's models/vit.py 178-198): bicubic with scale_factor (h + 0.1) / sqrt(N). Given a scale factor,
+    F.interpolate maps output point i to input (i + 0.5) * sqrt(N) / (h + 0.1) - 0.5, not (i + 0.5) * sqrt(N) / h
+    - 0.5 as resizing to h would: the samples shift slightly towards the table's first rows and columns."""
+    cls, grid = pos[:, :num_cls], pos[:, num_cls:]
+    n = int(round(grid.shape[1] ** 0.5))
+    table = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, D, n, n)
+    table = F.interpolate(table, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic")
+    assert table.shape[-2:] == (h, w), f"DINO's interpolation gave {tuple(table.shape[-2:])}, not {(h, w)}"
+    return torch.cat([cls, table.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+
+
 class LowRankLinear(nn.Sequential):
     """D -> r (no bias) -> D (bias): the reference's 'latent' projection (SPEC 6.6)."""
 
@@ -198,12 +211,16 @@ class ViT(nn.Module):
         """Images (B, C, H, W) -> token sequence after the embedding (B, K + N, D)."""
         x = self.patch_embed(x)  # (B, D, h, w)
         pos = self.pos_embed
-        if x.shape[-2:] != (self.grid, self.grid):  # another resolution (DINO's local crops): resample the table
-            from timm.layers import resample_abs_pos_embed
+        if x.shape[-2:] != (self.grid, self.grid):  # another resolution (DINO's local crops): resize the table
+            if self.cfg.pos_interp == "dino":
+                pos = dino_interpolate_pos(pos, *x.shape[-2:], self.num_cls)
+            else:
+                from timm.layers import resample_abs_pos_embed
 
-            # bicubic without antialiasing, as DINO's interpolate_pos_encoding (vision_transformer.py)
-            pos = resample_abs_pos_embed(pos, list(x.shape[-2:]), [self.grid, self.grid], self.num_cls,
-                                         antialias=False)
+                # bicubic without antialiasing, sampled at the target grid's own points (align_corners=False on
+                # the target size). Not DINO's: that one passes a scale factor, see dino_interpolate_pos.
+                pos = resample_abs_pos_embed(pos, list(x.shape[-2:]), [self.grid, self.grid], self.num_cls,
+                                             antialias=False)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         if not self.num_cls:
             return x + pos

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -11,14 +12,30 @@ from torch import nn
 from .config import OptimConfig
 
 
+def resolve_lr(cfg: OptimConfig, global_batch: int) -> OptimConfig:
+    """cfg with optim.lr as the absolute peak: optim.lr_scale=per256 multiplies it by global_batch / 256 (the linear
+    scaling rule, as DINO's and the parent's train_ssl.py line 320). train, pretrain and `info` all go through here."""
+    if cfg.lr_scale == "absolute":
+        return cfg
+    return replace(cfg, lr=cfg.lr * global_batch / 256, lr_scale="absolute")
+
+
+def _check_resolved(cfg: OptimConfig) -> None:
+    # A per-256 rate read as absolute would silently train at the wrong peak: one path, resolve_lr, scales it.
+    if cfg.lr_scale != "absolute":
+        raise ValueError("optim.lr_scale=per256: pass optim.resolve_lr(cfg, global_batch) to the optimiser/schedule")
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float, shape: str = "cosine",
-          decay_fraction: float = 1.0) -> float:
-    """SPEC 8: linear warm-up from `floor` over `warmup_steps`, then one cosine to `floor` at `total_steps`.
+          decay_fraction: float = 1.0, start: float | None = None) -> float:
+    """SPEC 8: linear warm-up from `start` (default `floor`) over `warmup_steps`, then one cosine to `floor` at
+    `total_steps`.
 
     Other shapes after the warm-up: "linear" (a straight line to `floor`), "wsd" (warm-up, stable, decay: the peak
     until the last `decay_fraction` of the steps after warm-up, then a straight line to `floor`; Hu et al. 2024)."""
     if step < warmup_steps:
-        return floor + (peak - floor) * step / warmup_steps
+        start = floor if start is None else start
+        return start + (peak - start) * step / warmup_steps
     if step >= total_steps:
         return floor
     t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
@@ -29,7 +46,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
     return floor + (peak - floor) * (1 + math.cos(math.pi * t)) / 2
 
 
-def _no_decay(name: str, p: nn.Parameter, skip: frozenset[str] = frozenset()) -> bool:
+def _no_decay(name: str, p: nn.Parameter, skip: frozenset[str] = frozenset(), rule: str = "1d-tokens") -> bool:
+    if rule == "1d":  # DINO's get_params_groups: biases and 1-D tensors (norms) only; tokens and tables decay
+        return p.ndim <= 1 or name.endswith(".bias")
     return p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) or name in skip
 
 
@@ -43,8 +62,9 @@ def _muon(name: str, p: nn.Parameter, skip: frozenset[str] = frozenset()) -> boo
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Groups with a `peak_lr` each; the schedule scales every group's lr by the same factor."""
+    _check_resolved(cfg)
     skip = frozenset(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else frozenset()
-    _is_no_decay = functools.partial(_no_decay, skip=skip)
+    _is_no_decay = functools.partial(_no_decay, skip=skip, rule=cfg.no_decay)
     _is_muon = functools.partial(_muon, skip=skip)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.name == "muon":
@@ -181,4 +201,6 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
 
 def schedule_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
     """The schedule relative to the peak: lr_at(...) / cfg.lr, so every group follows the same shape."""
-    return lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule, cfg.decay_fraction) / cfg.lr
+    _check_resolved(cfg)
+    start = 0.0 if cfg.warmup_from == "zero" else cfg.min_lr
+    return lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule, cfg.decay_fraction, start) / cfg.lr

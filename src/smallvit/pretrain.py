@@ -34,8 +34,8 @@ from . import data as D
 from . import distributed as dist_
 from .config import Config, ConfigError, SSLConfig, diff, to_dict
 from .knn import knn_accuracy
-from .model import build_model, count_params, draw_for_global_batch
-from .optim import build_optimizer, lr_at, schedule_factor, set_lr
+from .model import Attention, build_model, count_params, draw_for_global_batch
+from .optim import build_optimizer, lr_at, resolve_lr, schedule_factor, set_lr
 from .runs import CHECKPOINT, Records, TrainingError, atomic_write_json, environment, load_model_state
 from .runs import remove_stale_temps, save_checkpoint, truncate_metrics
 from .train import BatchOrder, _check_each_step, _nonfinite_msg, _read_resume_state, _sync, load_data, open_run
@@ -128,12 +128,44 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     center.mul_(momentum).add_(batch / (len(teacher_out) * world), alpha=1 - momentum)
 
 
+def clip_tensors(model: nn.Module, fused_qkv: bool) -> list[list[nn.Parameter]]:
+    """The "tensors" DINO's clip_gradients clips one by one: each parameter alone, or with fused_qkv the q, k and v
+    weights of a self-attention block together (and their biases together), as the parent's one qkv Linear holds
+    them (its models/vit.py line 76). Low-rank or shared-latent projections are not one Linear: they stay apart."""
+    groups = []
+    if fused_qkv:
+        for m in model.modules():
+            if isinstance(m, Attention) and not m.kv_shared and all(type(x) is nn.Linear for x in (m.q, m.k, m.v)):
+                groups.append([m.q.weight, m.k.weight, m.v.weight])
+                if m.q.bias is not None:
+                    groups.append([m.q.bias, m.k.bias, m.v.bias])
+    taken = {id(p) for g in groups for p in g}
+    return groups + [[p] for p in model.parameters() if p.requires_grad and id(p) not in taken]
+
+
 @torch.no_grad()
-def clip_per_tensor_(params, clip: float) -> None:
-    """DINO utils.clip_gradients: each tensor's gradient scaled to norm <= clip on its own (not one global norm)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in torch._foreach_norm(grads)])
+def clip_per_tensor_(groups: list[list[torch.Tensor]], clip: float) -> None:
+    """DINO utils.clip_gradients: each group's gradient (one tensor, or q/k/v as one, see clip_tensors) scaled to
+    norm <= clip on its own (not one global norm)."""
+    groups = [[p.grad for p in g if p.grad is not None] for g in groups]
+    groups = [g for g in groups if g]
+    if not groups:
+        return
+    grads = [x for g in groups for x in g]
+    which = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+    sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+    norms = torch.zeros(len(groups), device=sq.device).index_add_(0, which.to(sq.device), sq).sqrt()
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)[which.to(sq.device)]
+    torch._foreach_mul_(grads, list(scale.unbind()))
+
+
+def make_teacher(student: nn.Module, s: SSLConfig) -> ModelEmaV3:
+    """The teacher: an EMA copy of the student (timm's ModelEmaV3, .module), without gradients. ssl.teacher_mode:
+    eval (DINO: no drop path, deterministic) or train (the parent: the student's drop path stays on)."""
+    ema = ModelEmaV3(student, decay=s.momentum_teacher, exclude_buffers=True)
+    ema.module.requires_grad_(False)
+    ema.module.train(s.teacher_mode == "train")  # ModelEmaV3 leaves its copy in eval mode; knn() scores in eval
+    return ema
 
 
 def teacher_stats(q: torch.Tensor) -> torch.Tensor:
@@ -155,7 +187,8 @@ def pretrain(cfg: Config, out_dir=None, resume: bool = False) -> dict:
 def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: torch.device, stop: dict) -> dict:
     from .multicrop import MultiCrop
 
-    t, o, s = cfg.train, cfg.optim, cfg.ssl
+    t, s = cfg.train, cfg.ssl
+    o = resolve_lr(cfg.optim, t.batch_size)  # optim.lr_scale=per256: the parent's lr x batch / 256
     main = rank == 0
     if o.grad_clip > 0:
         raise ConfigError("pretrain clips each gradient tensor with ssl.clip_grad (as DINO); leave optim.grad_clip=0")
@@ -171,12 +204,12 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
     spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, n)
     bank = slice(0, s.knn_train_images or n)
 
-    # ---- student, teacher (EMA, eval mode: no drop path, as DINO's teacher), optimiser
+    # ---- student, teacher (EMA; eval mode, no drop path, as DINO's, or train mode as the parent's), optimiser
     torch.manual_seed(t.seed)
     student = DINO(cfg).to(device)
-    ema = ModelEmaV3(student, decay=s.momentum_teacher, exclude_buffers=True)
+    ema = make_teacher(student, s)
     teacher = ema.module
-    teacher.requires_grad_(False)
+    clip_groups = clip_tensors(student, fused_qkv=s.clip_qkv == "fused")
     opt = build_optimizer(student, o, device)
     center = torch.zeros(1, s.out_dim, device=device)
     precision = ("bf16" if device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
@@ -266,7 +299,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if s.clip_grad > 0:
-                clip_per_tensor_(student.parameters(), s.clip_grad)
+                clip_per_tensor_(clip_groups, s.clip_grad)
             if epoch < s.freeze_last_layer_epochs:  # DINO: the output layer stays fixed for the first epoch(s)
                 for p in frozen_last:
                     p.grad = None

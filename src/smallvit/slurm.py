@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import submitit
-
 from .config import Config, ConfigError, apply_overrides
 from .runs import RunLock, atomic_write_json, check_run_folder
 
@@ -33,6 +31,17 @@ SLURM_DIR = "slurm"  # the submitit folder inside a study or run folder: sbatch 
 
 class SlurmError(ConfigError):
     """The cluster cannot take the request (no sbatch, no controller, a bad partition or resources)."""
+
+
+def _submitit():
+    """submitit, imported only when a job is submitted or read: the options, local studies and `--help` work
+    without it (an optional dependency: `pip install smallvit[slurm]`)."""
+    try:
+        import submitit
+    except ImportError:
+        raise SlurmError("--launcher slurm needs submitit, which is not installed: pip install 'smallvit[slurm]' "
+                         "(or pip install submitit)") from None
+    return submitit
 
 
 @dataclass(frozen=True)
@@ -154,18 +163,25 @@ def _job_state(job_id: str) -> str:
     return p.stdout.strip().splitlines()[0] if p.returncode == 0 and p.stdout.strip() else "UNKNOWN"
 
 
-class RunJob(submitit.helpers.Checkpointable):
+class RunJob:
     """One run as a SLURM job: train with resume, so the first start, a requeue and a rerun are the same call.
 
     On SLURM's warning signal (time limit, or a preemption with PreemptParameters=send_user_signal) or on a
     SIGTERM while the job is still RUNNING (`scancel --signal=TERM`, a preemption signal), train() finishes its
     step and writes its checkpoint, then submitit's handler requeues the job (the default `checkpoint()`
     resubmits this same call). A plain `scancel` (the job is no longer RUNNING) stops without a requeue.
+    Not a subclass of submitit.helpers.Checkpointable, so that this module imports without submitit: submitit
+    requeues any callable with a `checkpoint` method, and this one is Checkpointable's.
     """
+
+    def checkpoint(self, *args, **kwargs):
+        """Resubmit the same call with the same arguments (submitit.helpers.Checkpointable.checkpoint)."""
+        return _submitit().helpers.DelayedSubmission(self, *args, **kwargs)
 
     def __call__(self, cfg: Config, folder: str) -> dict:
         from .train import train
 
+        submitit = _submitit()
         env = submitit.JobEnvironment()
         os.environ.update(distributed_env(env))
         os.environ.setdefault("TQDM_MININTERVAL", "30")  # the progress bar is the job log's last line, not its bulk
@@ -190,7 +206,7 @@ class RunJob(submitit.helpers.Checkpointable):
 
 def executor(folder: Path, res: Resources):
     """A submitit SlurmExecutor for `res`, with its files in `folder`."""
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_requeues)
+    ex = _submitit().SlurmExecutor(folder=folder, max_num_timeout=res.max_requeues)
     extra = {}
     for item in res.sbatch:
         key, _, value = item.lstrip("-").partition("=")
@@ -225,6 +241,7 @@ def _submission_env():
 
 def submit(runs: list[tuple[str, Config, Path]], folder: Path, res: Resources) -> list[str]:
     """Submit (key, config, run folder) runs as one job array (one job when there is one run); return job ids."""
+    submitit = _submitit()
     folder = folder.resolve()
     ex = executor(folder, res)
     check_request(res, folder, ex)
@@ -283,6 +300,7 @@ def _last_line(path: Path) -> str:
 
 def _job_error(folder: Path, job_id: str) -> str | None:
     """The error of a finished job from submitit's result pickle (task 0), None if it succeeded or left none."""
+    submitit = _submitit()
     path = submitit.core.utils.JobPaths(folder, job_id=job_id, task_id=0).result_pickle
     if not path.is_file():
         return None
@@ -302,7 +320,7 @@ def run_status(key: str, run_folder: Path, local: str, slurm_folder: Path, jobs:
     job = jobs.get(key)
     row = {"run": key, "folder": str(run_folder), "job_id": job["job_id"] if job else "", "log": "", "error": ""}
     if job:
-        row["log"] = str(submitit.core.utils.JobPaths(slurm_folder, job_id=job["job_id"], task_id=0).stdout)
+        row["log"] = str(_submitit().core.utils.JobPaths(slurm_folder, job_id=job["job_id"], task_id=0).stdout)
     q = queue.get(row["job_id"]) if job else None
     if local == "done":
         state = "done"
@@ -400,7 +418,7 @@ def submit_train(cfg: Config, out: Path, args) -> int:
         return 0
     folder = out / SLURM_DIR
     (job_id,) = submit([("run", cfg, out)], folder, res)
-    log = submitit.core.utils.JobPaths(folder, job_id=job_id, task_id=0).stdout
+    log = _submitit().core.utils.JobPaths(folder, job_id=job_id, task_id=0).stdout
     print(f"submitted SLURM job {job_id}: {world} process(es), {res.nodes} node(s) x {res.tasks_per_node}; "
           f"log {log}; follow with squeue -j {job_id}", flush=True)
     if not args.wait:

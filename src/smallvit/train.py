@@ -35,7 +35,7 @@ from . import pretrained, wandb_log
 from .augment import BatchAugment, resize, resolution_at
 from .config import Config, ConfigError, diff, res_stages, to_dict
 from .model import build_model, count_params, draw_for_global_batch, flops_per_image
-from .optim import build_optimizer, match_device, schedule_factor, set_lr
+from .optim import build_optimizer, match_device, resolve_lr, schedule_factor, set_lr
 from .runs import (
     CHECKPOINT,
     CheckpointError,
@@ -126,7 +126,8 @@ def run_guarded(device_cfg: str, body) -> dict:
 def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: torch.device, stop: dict,
            step_hook=None) -> dict:
     wall_start = time.perf_counter()  # wall time includes reading the data and building the model
-    t, m, o, a = cfg.train, cfg.model, cfg.optim, cfg.aug
+    t, m, a = cfg.train, cfg.model, cfg.aug
+    o = resolve_lr(cfg.optim, t.batch_size)  # optim.lr as the absolute peak of this global batch
     main = rank == 0
     every = t.checkpoint_every_steps  # 0: checkpoints only at evaluations and signals
     out, finished = open_run(cfg, out_dir, resume, world, stop["held"])
