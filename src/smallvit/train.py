@@ -130,12 +130,12 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     o = resolve_lr(cfg.optim, t.batch_size)  # optim.lr as the absolute peak of this global batch
     main = rank == 0
     every = t.checkpoint_every_steps  # 0: checkpoints only at evaluations and signals
+    if t.wandb_project and main:  # before the run folder is made: a missing wandb writes nothing
+        wandb_log.check_installed()
     out, finished = open_run(cfg, out_dir, resume, world, stop["held"])
     ckpt_path = out / CHECKPOINT
     if finished is not None:  # resuming a run that already ended: nothing to do, and its records stay as they are
         return finished
-    if t.wandb_project and main:
-        wandb_log.check_installed()
 
     # ---- data: the whole dataset as uint8 on the device (each rank reads its own copy)
     if world > 1 and cfg.data.download and cfg.data.dataset != D.FOLDER:
