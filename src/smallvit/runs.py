@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import pickle
@@ -88,6 +90,7 @@ class RunLock:
 
     def __init__(self, folder: Path, wait_s: float = 0.0):
         self.folder = Path(folder)
+        self.made = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -107,9 +110,16 @@ class RunLock:
         os.pwrite(self.fd, json.dumps(holder_info()).encode(), 0)
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the only descriptor drops the flock
-            self.fd = None
+        """Drop the lock. A folder this lock made, in which nothing else was written (a run refused during its
+        set-up: a bad init_from file, missing data), is removed again, so a refused command leaves nothing behind."""
+        if self.fd is None:
+            return
+        if self.made and [p.name for p in self.folder.iterdir()] == [LOCK]:
+            (self.folder / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # someone started writing there meanwhile: leave it
+                self.folder.rmdir()
+        os.close(self.fd)  # closing the only descriptor drops the flock
+        self.fd = None
 
     def __enter__(self):
         return self
@@ -160,8 +170,17 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    """Serialise in memory first, then write the bytes: torch.save's zip writer turns a failed write (a full disk,
+    a file-size limit) into a RuntimeError from its destructor; a plain write raises the OSError itself, which
+    atomic_write_bytes reports in one line."""
     state = dict(state, format=CHECKPOINT_FORMAT)
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+    def write(f):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        f.write(buf.getbuffer())
+
+    atomic_write_bytes(path, write)
 
 
 def is_unsafe_refusal(e: pickle.UnpicklingError) -> bool:

@@ -1,0 +1,77 @@
+"""A wall-time budget (train.time_budget_s): how many steps fit, decided once from the measured step rate.
+
+The run trains its first steps (inside the learning-rate warm-up, whose shape does not depend on the run's length),
+measures the seconds per step, then fixes the total number of steps so that the whole command (imports, data,
+training, evaluations and the final test included) ends within the budget, less a safety margin. Every schedule
+(learning rate, decay, EMA, evaluations) is then defined on that count, and the decision is written to the run
+folder and the checkpoint, so a resumed run continues the same schedule and two runs on one machine can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+_IMPORTED = time.time()  # fallback start of the command where /proc is absent
+
+
+def command_seconds() -> float:
+    """Seconds since this process started (Linux: its start time in /proc), else since smallvit was imported."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
+
+
+def measure_steps(warmup_steps: int) -> int:
+    """The step at which to decide: enough steps for a stable rate (after the untimed first one), and before the
+    warm-up ends, so that no step before the decision used a learning rate that depends on the run's length."""
+    return max(2, min(30, warmup_steps - 1))
+
+
+@dataclass(frozen=True)
+class Decision:
+    budget_s: float
+    decided_at_step: int
+    elapsed_s: float  # wall time of the command when deciding
+    step_s: float  # measured seconds per training step
+    eval_s: float  # estimated seconds of one evaluation (and the final test)
+    margin_s: float
+    total_steps: int
+    steps_per_epoch: int
+    capped: bool  # the budget allowed more than train.epochs: the run stops at train.epochs
+
+    @property
+    def passes(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        why = (f"train.epochs caps it" if self.capped else
+               f"{self.budget_s:.0f} s budget, {self.elapsed_s:.0f} s spent, {self.step_s * 1e3:.0f} ms a step, "
+               f"{self.eval_s:.0f} s per evaluation, {self.margin_s:.0f} s margin")
+        return f"time budget: {self.total_steps} steps ({self.passes:.2f} passes) ({why})"
+
+
+def decide(budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float, evals_per_step: float,
+           max_steps: int, steps_per_epoch: int) -> Decision:
+    """The total number of steps that ends within `budget_s`: the time left (less a margin of 3% of the budget and
+    at least 5 s, for the checkpoints, the result and the process's exit) pays for the remaining steps, the
+    evaluations they bring (`evals_per_step` of them per step) and the final test."""
+    margin = max(5.0, 0.03 * budget_s)
+    left = budget_s - elapsed_s - margin - eval_s  # the final evaluation always happens
+    more = max(0, math.floor(left / (step_s + evals_per_step * eval_s))) if left > 0 else 0
+    total = step + more
+    capped = total >= max_steps
+    return Decision(budget_s, step, elapsed_s, step_s, eval_s, margin, max(step, min(total, max_steps)),
+                    steps_per_epoch, capped)
+
+
+def from_dict(d: dict) -> Decision:
+    return Decision(**d)
