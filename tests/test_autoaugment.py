@@ -13,11 +13,19 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from smallvit import autoaugment as A
+from smallvit import warp
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fraction_to_boundary(v: float) -> float:
+    """Distance of v * K from the nearest rounding boundary (a half-integer): how far a float value is from
+    changing its fixed-point entry (warp.K), checked over every value the policies can draw."""
+    f = v * warp.K - math.floor(v * warp.K)
+    return abs(f - 0.5)
 
 
 def images(n: int, size: int = 32, channels: int = 3, seed: int = 0) -> torch.Tensor:
@@ -213,7 +221,7 @@ def test_fixed_point_maps_are_far_from_rounding_boundaries():
                 else:
                     entries = (s,)
                 for e in entries:
-                    assert warp.fraction_to_boundary(e) > 1e-6, (op, s, e)
+                    assert fraction_to_boundary(e) > 1e-6, (op, s, e)
     # the float64 values torch computes round to the same entries as Python's math library
     degrees = torch.tensor(sorted(vals["rotate"]), dtype=torch.float32)
     M = warp.rotate(torch.cat([degrees, -degrees]))

@@ -1,5 +1,5 @@
 """The CUDA code paths, run on a CPU under an op census: no op that synchronises on CUDA in a whole augmentation
-chunk or a training step (sync_census.py), and the op counts of the two Muon steps."""
+chunk or a training step (tests/sync_census.py), and the op counts of the two Muon steps."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from smallvit.config import make_config
 from smallvit.data import DATASETS
 from smallvit.model import build_model
 from smallvit.optim import build_optimizer, schedule_factor, set_lr
-from smallvit.sync_census import SyncCensus
+from sync_census import SyncCensus  # a test helper (tests/sync_census.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

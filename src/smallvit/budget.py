@@ -53,7 +53,7 @@ class Decision:
         return asdict(self)
 
     def line(self) -> str:
-        why = (f"train.epochs caps it" if self.capped else
+        why = ("train.epochs caps it" if self.capped else
                f"{self.budget_s:.0f} s budget, {self.elapsed_s:.0f} s spent, {self.step_s * 1e3:.0f} ms a step, "
                f"{self.eval_s:.0f} s per evaluation, {self.margin_s:.0f} s margin")
         return f"time budget: {self.total_steps} steps ({self.passes:.2f} passes) ({why})"

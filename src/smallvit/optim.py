@@ -144,8 +144,8 @@ def _batched_muon_class():
 
     class BatchedMuon(Muon):
         """timm's step, matrix by matrix, costs a few dozen ops per matrix (2,414 at depth 12, counted on CPU by
-        sync_census; most are kernel launches on a GPU). Here the matrices of one shape are stacked (m, n, k) and go
-        through timm's own functional update once, in its batched mode (k matrices of (m, n): the same momentum,
+        tests/sync_census.py; most are kernel launches on a GPU). Here the matrices of one shape are stacked (m, n, k)
+        and go through timm's own functional update once, in its batched mode (k matrices of (m, n): the same momentum,
         Newton-Schulz iteration and lr scale per matrix; 138 ops at any depth), then are copied back. The state
         (momentum_buffer per parameter) is timm's, so checkpoints move between the two. Fallback groups take
         timm's step unchanged."""

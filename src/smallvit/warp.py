@@ -23,7 +23,6 @@ angle and shear the policies can draw is far from one.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -134,9 +133,3 @@ def bilinear(x: torch.Tensor, M: torch.Tensor, fill: int) -> torch.Tensor:
             acc += v * torch.where(inside, wx * wy, 0).unsqueeze(1)
     return (_round_shift(acc, 2 * FRAC) + fill).to(torch.uint8).view(N, C, H, W)
 
-
-def fraction_to_boundary(v: float) -> float:
-    """Distance of v * K from the nearest rounding boundary (a half-integer): how far a float value is from
-    changing its fixed-point entry. Used by the tests over every value the policies can draw."""
-    f = v * K - math.floor(v * K)
-    return abs(f - 0.5)
