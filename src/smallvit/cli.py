@@ -9,8 +9,17 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (ABLATIONS, PAPER_RESULTS, PRESETS, ConfigError, diff, make_config, parse_overrides, refuse_unread,
-                     to_dict)
+from .config import (
+    ABLATIONS,
+    PAPER_RESULTS,
+    PRESETS,
+    ConfigError,
+    diff,
+    make_config,
+    parse_overrides,
+    refuse_unread,
+    to_dict,
+)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +94,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .model import build_model, count_params, flops_per_image
+    from .backbones import build_model
+    from .model import count_params, flops_per_image
     from .optim import resolve_lr
 
     cfg = _build(args)
@@ -109,7 +119,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_ablations(args) -> int:
-    from .model import build_model, count_params
+    from .backbones import build_model
+    from .model import count_params
 
     rows = []
     for name, d in ABLATIONS.items():
@@ -364,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args([a for a in argv if a != ""])
     from .data import DataError
     from .profile import ProfileError
-    from .runs import CheckpointError
-    from .runs import TrainingError
+    from .runs import CheckpointError, TrainingError
 
     try:
         return args.fn(args)
