@@ -37,7 +37,6 @@ class Backbone(Protocol):
     grid: int  # patches per side at cfg.img_size
     num_cls: int  # CLS tokens (0: the head reads an average of the patch tokens)
     feature_dim: int  # the width of what the head reads
-    head: nn.Module  # Linear(feature_dim, num_classes), or Identity when num_classes == 0
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised tokens the head pools, (B, K, D): the CLS tokens, or one average token (K = 1)."""
@@ -123,7 +122,5 @@ ARCHS: dict[str, type[nn.Module]] = {"vit": ViT, "swin": Swin, "cait": Cait}
 
 def build_model(cfg: ModelConfig, any_size: bool = False) -> nn.Module:
     """The model of `cfg.arch` (a Backbone), freshly initialised (the caller seeds torch). `any_size`: accept
-    inputs of other sizes than cfg.img_size (DINO's local views; the ViT and the CaiT always do)."""
-    if cfg.arch == "swin":
-        return Swin(cfg, any_size=any_size)
-    return ARCHS[cfg.arch](cfg)
+    inputs of other sizes than cfg.img_size (DINO's local views; the ViT always does)."""
+    return ViT(cfg) if cfg.arch == "vit" else ARCHS[cfg.arch](cfg, any_size=any_size)
