@@ -31,9 +31,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from smallvit import data as D
+from smallvit.backbones import build_model
 from smallvit.config import make_config, parse_overrides
 from smallvit.data import steps_per_epoch
-from smallvit.model import build_model
 from smallvit.pretrain import pretrain
 from smallvit.train import train
 

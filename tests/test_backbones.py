@@ -12,13 +12,13 @@ import smallvit
 from conftest import smoke_config
 from smallvit import data as D
 from smallvit.ablate import STUDIES, plan
-from smallvit.backbones import Cait, Swin
+from smallvit.backbones import Cait, Swin, build_model
 from smallvit.cli import main
 from smallvit.config import ABLATIONS, PRESETS, ConfigError, make_config
 from smallvit.evaluate import evaluate_run
 from smallvit.export import run_exported
 from smallvit.inspect_attn import attention_maps, rollout
-from smallvit.model import ViT, build_model, count_params, flops_per_image
+from smallvit.model import ViT, count_params, flops_per_image
 from smallvit.optim import param_groups
 from smallvit.runs import load_checkpoint
 

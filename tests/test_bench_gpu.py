@@ -42,7 +42,6 @@ def test_rows_are_written_as_they_finish_and_a_failed_row_is_kept(tmp_path, monk
 def test_cudagraph_skips_are_counted():
     """Inductor's counter, read around a block: a reduce-overhead row on CPU is marked as not using CUDA graphs."""
     from torch._dynamo.utils import counters
-
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
     with bench_gpu.cudagraph_skips() as s:

@@ -16,8 +16,8 @@ import torch
 from conftest import REPO, smoke_config, write_fake_cifar10
 from smallvit import distributed as dist_
 from smallvit import optim
+from smallvit.backbones import build_model
 from smallvit.config import OptimConfig, make_config
-from smallvit.model import build_model
 from smallvit.runs import load_checkpoint
 
 T = importlib.import_module("smallvit.train")

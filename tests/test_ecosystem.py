@@ -12,10 +12,10 @@ import torch
 import smallvit
 from conftest import make_images, smoke_config, write_fake_cifar10
 from smallvit import data as D
+from smallvit.backbones import build_model
 from smallvit.cli import main
 from smallvit.config import ConfigError, apply_overrides, make_config, to_dict
 from smallvit.export import ExportError, export
-from smallvit.model import build_model
 from smallvit.pretrained import init_from, smallvit_to_timm, timm_to_smallvit
 from smallvit.runs import CheckpointError, read_metrics, save_checkpoint
 from smallvit.wandb_log import metric_name

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from smallvit.backbones import build_model
 from smallvit.config import ABLATIONS, make_config
-from smallvit.model import build_model, count_params, flops_per_image, sincos_pos_embed
+from smallvit.model import count_params, flops_per_image, sincos_pos_embed
 
 
 @pytest.mark.parametrize("ablation,expected", [

@@ -29,8 +29,8 @@ import torch
 from conftest import smoke_config, write_fake_cifar10
 from smallvit import distributed
 from smallvit.augment import BatchAugment
+from smallvit.backbones import build_model
 from smallvit.cli import main
-from smallvit.model import build_model
 from smallvit.runs import CheckpointError, Records, load_checkpoint, load_model_state, read_metrics
 
 T = importlib.import_module("smallvit.train")  # the module (the package's `train` attribute is the function)
@@ -368,7 +368,8 @@ from smallvit.augment import BatchAugment
 from smallvit.config import AugConfig, ModelConfig
 from smallvit.data import Shard
 from smallvit.distributed import gather_batch, step_seed
-from smallvit.model import build_model, draw_for_global_batch
+from smallvit.backbones import build_model
+from smallvit.model import draw_for_global_batch
 
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:
@@ -389,7 +390,7 @@ for aa, fill in (("cifar10", "reference"), ("rand", "noise")):
     xs, ts = [], []
     for c in range(STEPS // PER_CALL):
         steps = range(c * PER_CALL, (c + 1) * PER_CALL)
-        mine = torch.cat([torch.arange(s * B + lo, s * B + hi) for s in steps])  # as train.BatchOrder
+        mine = torch.cat([torch.arange(s * B + lo, s * B + hi) for s in steps])  # as lifecycle.BatchOrder
         x = aug.images(images[mine], c)
         for j, s in enumerate(steps):
             part = slice(j * shard.size, (j + 1) * shard.size)
@@ -685,7 +686,7 @@ def test_nonfinite_weights_never_replace_a_checkpoint(fake_cifar, tmp_path, monk
     out = tmp_path / "r"
     T.train(_cfg(fake_cifar, **{"train.max_steps": 9}), out)
     good = (out / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(T, "_check_each_step", lambda device, on_nonfinite: False)  # the GPU policy
+    monkeypatch.setattr(T, "check_each_step", lambda device, on_nonfinite: False)  # the GPU policy
     monkeypatch.setattr(T, "math", SimpleNamespace(isfinite=lambda v: True))  # and the one at log intervals
     _inject(monkeypatch, step=12, make=lambda x: x * float("nan"))
     with pytest.raises(T.TrainingError, match=r"non-finite weights at step 18; .*\(step 9\) is unchanged"):
@@ -696,7 +697,7 @@ def test_nonfinite_weights_never_replace_a_checkpoint(fake_cifar, tmp_path, monk
 def test_nonfinite_loss_on_the_gpu_policy_stops_at_the_next_log(fake_cifar, tmp_path, monkeypatch):
     """GPUs check the loss only where the loop syncs anyway (log lines, checkpoints): the fault is still caught."""
     out = tmp_path / "r"
-    monkeypatch.setattr(T, "_check_each_step", lambda device, on_nonfinite: False)
+    monkeypatch.setattr(T, "check_each_step", lambda device, on_nonfinite: False)
     _inject(monkeypatch, step=9, make=lambda x: x * float("nan"))
     expected = r"non-finite loss in the steps up to step 12; .*\(step 9\) is unchanged"
     with pytest.raises(T.TrainingError, match=expected):

@@ -30,7 +30,6 @@ from smallvit.runs import load_checkpoint, read_metrics
 from smallvit.train import train
 
 
-
 def _no_cluster() -> str:
     """Why the cluster tests cannot run here ("" when they can)."""
     if importlib.util.find_spec("submitit") is None:

@@ -10,8 +10,8 @@ import torch
 from conftest import REAL_DATA, needs_real_cifar, smoke_config
 from smallvit import train
 from smallvit.augment import resize, resolution_at
+from smallvit.backbones import build_model
 from smallvit.config import ConfigError, make_config, res_stages
-from smallvit.model import build_model
 from smallvit.optim import lr_at
 from smallvit.runs import load_checkpoint, read_metrics
 
@@ -144,8 +144,9 @@ def test_training_follows_the_res_schedule_and_resumes_exactly(fake_cifar, tmp_p
 
 
 def test_eval_flip_scores_the_mean_of_both_views(fake_cifar, tmp_path):
+    from smallvit.data import DATASETS
+    from smallvit.data import load as load_data
     from smallvit.evaluate import load, predict_logits
-    from smallvit.data import DATASETS, load as load_data
 
     cfg = smoke_config(fake_cifar, **{"train.eval_flip": True, "optim.lr": 3e-3})
     r = train(cfg, tmp_path / "run")
@@ -214,7 +215,8 @@ def test_cpu_speedrun_benchmark_runs_the_recipe_and_its_ablations(tmp_path):
 
 
 def test_ema_of_the_weights_is_what_evaluations_and_commands_use_and_resumes_exactly(fake_cifar, tmp_path):
-    from smallvit.data import DATASETS, load as load_data
+    from smallvit.data import DATASETS
+    from smallvit.data import load as load_data
     from smallvit.evaluate import load, predict_logits
     from smallvit.pretrained import read_state_dict
 

@@ -11,12 +11,12 @@ from PIL import Image
 import smallvit
 from conftest import make_images, smoke_config
 from smallvit import data as D
+from smallvit.backbones import build_model
 from smallvit.cli import main
 from smallvit.config import ConfigError, make_config, to_dict
 from smallvit.evaluate import evaluate_run, predict_logits
 from smallvit.export import max_abs_diff, run_exported
 from smallvit.inspect_attn import attention_maps, figure_size_px, rollout
-from smallvit.model import build_model
 from smallvit.runs import save_checkpoint
 
 MULTI = {"model.num_cls_tokens": 2, "model.class_attn_depth": 1}  # several CLS tokens + a class-attention block

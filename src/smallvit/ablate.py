@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import ABLATIONS, SPEEDRUN_ABLATIONS, Config, ConfigError, apply_overrides, make_config
-from .runs import CHECKPOINT, atomic_write_json, config_changes, describe_changes, read_json
+from .launchers import Study, for_study
+from .lifecycle import run_state
+from .runs import atomic_write_json, config_changes, describe_changes, read_json
+from .slurm import SLURM_DIR, format_status, read_jobs, run_status, squeue_states
 
 STUDIES: dict[str, list[str]] = {
     "augmentation": ["baseline", "-aa", "-mixup", "-cutmix"],
@@ -86,22 +85,15 @@ def settings_hash(runs) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def run_state(folder: Path) -> str:
-    if (folder / "result.json").is_file():
-        return "done"
-    if (folder / CHECKPOINT).is_file():
-        return "partial"
-    return "new"
-
-
 def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float = 1.0, root: str | Path = "runs/studies",
            overrides: dict | None = None, devices: list[str] | None = None, cli_overrides: list[str] | None = None,
-           data_dir: str | None = None, slurm=None, wait: bool = False, new_folders: bool = False) -> list[dict]:
-    """Run (or continue) every run of a study; return one status row per run.
+           data_dir: str | None = None, launcher: str = "local", options=None, wait: bool = False,
+           new_folders: bool = False) -> list[dict]:
+    """Run (or continue) every run of a study through a launcher (launchers.py); return one status row per run.
 
-    One device: runs in sequence in this process. Several devices: independent runs side by side, one per
-    device, each in its own `smallvit train` process. `slurm` (slurm.Resources): one SLURM job per run, as one
-    submitit job array in <study>/slurm/ (returns after submitting unless `wait`).
+    local: one device, runs in sequence in this process; several --devices: independent runs side by side, one
+    per device, each in its own `smallvit train` process. slurm (`options`: slurm.Resources): one SLURM job per
+    run, as one submitit job array in <study>/slurm/ (returns after submitting unless `wait`).
     """
     runs = plan(study, seeds, preset, budget, overrides)
     base = Path(root) / study
@@ -128,61 +120,15 @@ def ablate(study: str, seeds: int = 1, preset: str = "baseline", budget: float =
         if state != "done":
             todo.append((name, seed, cfg, folder))
     print(f"study {study}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run", flush=True)
-    if slurm is not None:
-        from .slurm import SLURM_DIR, submit_study
-
-        submit_study([(f"{name}/seed{seed}", cfg, folder) for name, seed, cfg, folder in todo], base / SLURM_DIR,
-                     slurm, wait)
-    elif not devices or len(devices) <= 1:
-        from .train import train
-
-        for name, seed, cfg, folder in todo:
-            if devices:
-                cfg = apply_overrides(cfg, {"train.device": devices[0]})
-            print(f"[{name} seed {seed}] {'resuming' if run_state(folder) == 'partial' else 'starting'} {folder}",
-                  flush=True)
-            if train(cfg, folder, resume=True)["status"] == "interrupted":  # SIGINT/SIGTERM stops the study too
-                print(f"interrupted during {folder}; run the same command again to continue", flush=True)
-                break
-    else:
-        def launch(job, device):
-            name, seed, _, folder = job
-            cmd = [sys.executable, "-m", "smallvit.cli", "train", "--preset", preset, f"--ablation={name}",
-                   "--out", str(folder), "--resume", "--set", f"train.seed={seed}", f"train.device={device}",
-                   "train.progress=false", *(cli_overrides or []), *_budget_overrides(runs, name)]
-            if data_dir:
-                cmd += ["--data-dir", data_dir]
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / "stdout.log", "a") as log:
-                return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-
-        queue = list(todo)
-        with ThreadPoolExecutor(len(devices)) as pool:
-            def worker(device):
-                codes = []
-                while queue:
-                    codes.append(launch(queue.pop(0), device))
-                    time.sleep(0.1)
-                return codes
-
-            failed = sum(c != 0 for codes in pool.map(worker, devices) for c in codes)
-        if failed:
-            print(f"{failed} runs failed; see stdout.log in their folders, then run the same command again")
+    for_study(launcher, devices).study(Study(todo, base, preset, devices, list(cli_overrides or []), data_dir,
+                                             options, wait))
     for r in rows:
         r["state"] = run_state(Path(r["folder"]))
     return rows
 
 
-def _budget_overrides(runs, name) -> list[str]:
-    cfg = next(c for n, _, c in runs if n == name)
-    return [f"train.epochs={cfg.train.epochs}", f"optim.warmup_epochs={cfg.optim.warmup_epochs}",
-            f"train.eval_every_epochs={cfg.train.eval_every_epochs}"]
-
-
 def status(study: str, root: str | Path = "runs/studies") -> str:
     """The --status table of a study: every run's state (SLURM jobs included), job id and last log line."""
-    from .slurm import SLURM_DIR, format_status, read_jobs, run_status, squeue_states
-
     base = Path(root) / study
     if not (base / "study.json").is_file():
         raise ConfigError(f"no study in {base} (no study.json); start it with `smallvit ablate {study}`")

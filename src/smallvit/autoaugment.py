@@ -31,7 +31,6 @@ import torch
 
 from . import cpu_kernels, warp
 
-
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "color", "contrast", "sharpness",
        "brightness", "posterize", "solarize", "autocontrast", "equalize", "invert")
 OP_ID = {name: i for i, name in enumerate(OPS)}

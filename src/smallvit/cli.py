@@ -9,8 +9,17 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (ABLATIONS, PAPER_RESULTS, PRESETS, ConfigError, diff, make_config, parse_overrides, refuse_unread,
-                     to_dict)
+from .config import (
+    ABLATIONS,
+    PAPER_RESULTS,
+    PRESETS,
+    ConfigError,
+    diff,
+    make_config,
+    parse_overrides,
+    refuse_unread,
+    to_dict,
+)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -42,38 +51,14 @@ def _check_init_from(cfg, resume: bool) -> None:
 
 
 def cmd_train(args) -> int:
+    from .launchers import LAUNCHERS
     from .runs import default_run_dir
-    from .train import UNREAD_KEYS, train
+    from .train import UNREAD_KEYS
 
     cfg = _build(args, UNREAD_KEYS)
     _check_init_from(cfg, args.resume)
     out = Path(args.out) if args.out else default_run_dir(cfg)
-    if args.launcher == "slurm":  # one job of --nodes x --gpus-per-node processes (slurm.py, docs/cluster.md)
-        from .slurm import submit_train
-
-        return submit_train(cfg, out, args)
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one process speaks
-    if main_rank:
-        print(f"run folder: {out}")
-    result = train(cfg, out, resume=args.resume)
-    if result["status"] == "interrupted":  # every rank says where it stopped (they agree on the step)
-        # One write per line: the ranks share the launcher's stdout, and print's two writes (text, newline) interleave.
-        sys.stdout.write(f"interrupted at step {result['step']}; resume with the same command plus --resume\n")
-        sys.stdout.flush()
-        return 130
-    if main_rank:
-        ips = result["train_img_per_s"]
-        speed = f", {ips:.0f} img/s" if ips else ""
-        if result.get("eval_split") == "val":  # the test set seen once, at the end; model selection on val
-            seen = (f"(validation {result['final_val_acc']:.2f}%, best {result['best_val_acc']:.2f}% on "
-                    f"{result['val_images']} held-out images)")
-        else:
-            seen = f"(best {result['best_test_acc']:.2f}%)"
-        print(f"test accuracy {result['final_test_acc']:.2f}% {seen} after "
-              f"{result['epochs_done']:.2f} epochs, {result['wall_seconds']:.0f} s wall{speed}")
-        keys = ("final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc", "step", "wall_seconds")
-        print(json.dumps({k: result[k] for k in keys if k in result}))
-    return 0
+    return LAUNCHERS[args.launcher].train(cfg, out, args)  # local: here; slurm: one job (slurm.py, docs/cluster.md)
 
 
 def cmd_eval(args) -> int:
@@ -85,7 +70,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .model import build_model, count_params, flops_per_image
+    from .backbones import build_model
+    from .model import count_params, flops_per_image
     from .optim import resolve_lr
 
     cfg = _build(args)
@@ -109,7 +95,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_ablations(args) -> int:
-    from .model import build_model, count_params
+    from .backbones import build_model
+    from .model import count_params
 
     rows = []
     for name, d in ABLATIONS.items():
@@ -124,6 +111,7 @@ def cmd_ablations(args) -> int:
 
 def cmd_ablate(args) -> int:
     from .ablate import ablate, status
+    from .launchers import LAUNCHERS
     from .train import UNREAD_KEYS
 
     if args.status:
@@ -135,15 +123,11 @@ def cmd_ablate(args) -> int:
     base = make_config(args.preset)  # every run of the study trains: --set values train does not read are refused
     refuse_unread(make_config(args.preset, overrides), base, UNREAD_KEYS, args.command)
     devices = args.devices.split(",") if args.devices else None
-    slurm = None
-    if args.launcher == "slurm":
-        from .slurm import resources
-
-        slurm = resources(args, f"smallvit-{args.study}")
+    options = LAUNCHERS[args.launcher].options(args, f"smallvit-{args.study}")
     rows = ablate(args.study, args.seeds, args.preset, args.budget, args.root, overrides, devices, args.set,
-                  args.data_dir, slurm=slurm, wait=args.wait, new_folders=args.new_folders)
+                  args.data_dir, launcher=args.launcher, options=options, wait=args.wait, new_folders=args.new_folders)
     base = Path(rows[0]["folder"]).parent.parent  # the study folder (STUDY@HASH with --new-folders)
-    if slurm is not None:
+    if args.launcher == "slurm":  # submitted: the queue's view
         print(status(base.name, base.parent))
         if not args.wait:  # submitted: follow with --status
             return 0
@@ -259,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/<diff-from-baseline>/seed<N>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    from .slurm import add_arguments as add_slurm_arguments
+    from .launchers import add_arguments as add_launcher_arguments
 
-    add_slurm_arguments(p, per_run=False)
+    add_launcher_arguments(p, per_run=False)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="test accuracy of a saved run or checkpoint")
@@ -294,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-folders", action="store_true",
                    help="settings other than those of the study's existing runs: train them in STUDY@HASH/ beside it "
                         "(without it, such a study is refused)")
-    add_slurm_arguments(p, per_run=True)
+    add_launcher_arguments(p, per_run=True)
     p.set_defaults(fn=cmd_ablate)
 
     p = sub.add_parser("report", help="Markdown/CSV table and plots from a study's run records")
@@ -364,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args([a for a in argv if a != ""])
     from .data import DataError
     from .profile import ProfileError
-    from .runs import CheckpointError
-    from .runs import TrainingError
+    from .runs import CheckpointError, TrainingError
 
     try:
         return args.fn(args)

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from .backbones import build_model
 from .config import Config, from_dict
 from .distributed import resolve_device
-from .model import ViT, build_model
+from .model import ViT
 from .runs import evaluated_weights, load_checkpoint, load_model_state, read_safetensors
 
 

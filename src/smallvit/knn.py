@@ -20,15 +20,14 @@ from . import data as D
 @torch.no_grad()
 def embed(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 500,
           autocast=contextlib.nullcontext) -> torch.Tensor:
-    """L2-normalised features (N, F) of uint8 images: the pooled CLS output the classifier head would read."""
+    """L2-normalised features (N, F) of uint8 images: what the classifier head would read (Backbone.pooled)."""
     was = model.training
     model.eval()
     mean, std = torch.as_tensor(mean, device=x_uint8.device), torch.as_tensor(std, device=x_uint8.device)
     out = []
     for i in range(0, len(x_uint8), batch_size):
         with autocast():
-            f = model.features(D.normalize(x_uint8[i : i + batch_size], mean, std))  # (B, K, D)
-        f = f.flatten(1) if model.cfg.cls_pool == "concat" else f.mean(1)
+            f = model.pooled(D.normalize(x_uint8[i : i + batch_size], mean, std))  # (B, F), any backbones.Backbone
         out.append(F.normalize(f.float(), dim=1))
     model.train(was)
     return torch.cat(out)

@@ -238,10 +238,13 @@ class ViT(nn.Module):
         x = self.norm(x)
         return x[:, : self.num_cls] if self.num_cls else x.mean(1, keepdim=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads (B, feature_dim): the K CLS features concatenated (cls_pool=concat) or averaged."""
         f = self.features(x)  # (B, K, D)
-        f = f.flatten(1) if self.cfg.cls_pool == "concat" else f.mean(1)
-        return self.head(f)  # (B, num_classes)
+        return f.flatten(1) if self.cfg.cls_pool == "concat" else f.mean(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(x))  # (B, num_classes), or (B, feature_dim) with num_classes=0
 
 
 class GlobalDropPath(DropPath):
@@ -300,13 +303,6 @@ def draw_for_global_batch(model: nn.Module, shard) -> nn.Module:
             elif isinstance(child, nn.Dropout) and child.p > 0:  # would draw per process: refuse, not differ
                 raise ValueError(f"{name}: nn.Dropout(p={child.p}) has no global-batch draw; set its rate to 0")
     return model
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model of `cfg.arch`: this file's ViT, or timm's Swin / CaiT (backbones.py)."""
-    from .backbones import build_model as build  # backbones.py imports ViT from here
-
-    return build(cfg)
 
 
 def count_params(model: nn.Module) -> int:

@@ -77,24 +77,28 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
                        use_muon=True, nesterov=True, kind="muon")]
         if cfg.decay_all:
             groups.append(dict(params=[p for _, p in rest], peak_lr=cfg.lr, weight_decay=cfg.weight_decay, **fb,
-                               kind=cfg.muon_fallback))
+                               kind=cfg.muon_fallback, decay_scheduled=True))
         else:
             groups.append(dict(params=[p for n, p in rest if not _is_no_decay(n, p)], peak_lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, **fb, kind=cfg.muon_fallback))
+                               weight_decay=cfg.weight_decay, **fb, kind=cfg.muon_fallback, decay_scheduled=True))
             groups.append(dict(params=[p for n, p in rest if _is_no_decay(n, p)], peak_lr=cfg.lr,
                                weight_decay=0.0, **fb, kind=f"{cfg.muon_fallback}-no-decay"))
     elif cfg.decay_all:  # the reference: one group, decay on everything (SPEC 7.1)
-        groups = [dict(params=[p for _, p in params], peak_lr=cfg.lr, weight_decay=cfg.weight_decay, kind="all")]
+        groups = [dict(params=[p for _, p in params], peak_lr=cfg.lr, weight_decay=cfg.weight_decay, kind="all",
+                       decay_scheduled=True)]
     else:
         groups = [
             dict(params=[p for n, p in params if not _is_no_decay(n, p)], peak_lr=cfg.lr,
-                 weight_decay=cfg.weight_decay, kind="decay"),
+                 weight_decay=cfg.weight_decay, kind="decay", decay_scheduled=True),
             dict(params=[p for n, p in params if _is_no_decay(n, p)], peak_lr=cfg.lr, weight_decay=0.0,
                  kind="no-decay"),
         ]
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["lr"] = g["peak_lr"]
+        # decay_scheduled: the group decays by optim.weight_decay, so a weight-decay schedule (pretrain's DINO
+        # cosine) moves it; False for the no-decay groups and Muon's (its own muon_weight_decay).
+        g.setdefault("decay_scheduled", False)
     return groups
 
 

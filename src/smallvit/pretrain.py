@@ -17,10 +17,8 @@ backbone alone, the same tensors), "center", "optimizer", "step" and the usual r
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import time
 from dataclasses import replace
 
 import torch
@@ -32,14 +30,34 @@ from torch import nn
 
 from . import data as D
 from . import distributed as dist_
-from .config import Config, ConfigError, SSLConfig, diff, to_dict
+from .backbones import build_model
+from .config import Config, ConfigError, SSLConfig, to_dict
 from .knn import knn_accuracy
-from .model import Attention, build_model, count_params, draw_for_global_batch
+from .lifecycle import (
+    BatchOrder,
+    CheckpointClock,
+    Checkpoints,
+    Clock,
+    agree,
+    autocast_of,
+    check_each_step,
+    compile_mode,
+    dataset_info,
+    finish_run,
+    load_data,
+    open_run,
+    precision_of,
+    progress_bar,
+    resume_state,
+    run_guarded,
+    say_stopped,
+    skip_nonfinite,
+    start_records,
+    step_plan,
+)
+from .model import Attention, count_params, draw_for_global_batch
 from .optim import build_optimizer, lr_at, resolve_lr, schedule_factor, set_lr
-from .runs import CHECKPOINT, Records, TrainingError, atomic_write_json, environment, load_model_state
-from .runs import remove_stale_temps, save_checkpoint, truncate_metrics
-from .train import BatchOrder, _check_each_step, _nonfinite_msg, _read_resume_state, _sync, load_data, open_run
-from .train import CheckpointClock, _say_stopped, finish_run, run_guarded, run_place, step_plan
+from .runs import CHECKPOINT, load_model_state
 
 
 # Keys pre-training never reads; the CLI refuses them when set (config.refuse_unread). DINO makes its own views
@@ -84,11 +102,12 @@ class DINOHead(nn.Module):
 
 
 class DINO(nn.Module):
-    """Backbone (a smallvit ViT without classifier) + DINOHead; views of one resolution go through together."""
+    """Backbone (any model.arch without classifier, backbones.Backbone) + DINOHead; views of one resolution go
+    through together."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.backbone = build_model(replace(cfg.model, num_classes=0))
+        self.backbone = build_model(replace(cfg.model, num_classes=0), any_size=True)  # local views are smaller
         self.head = DINOHead(self.backbone.feature_dim, cfg.ssl)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -187,22 +206,21 @@ def pretrain(cfg: Config, out_dir=None, resume: bool = False) -> dict:
 def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: torch.device, stop: dict) -> dict:
     from .multicrop import MultiCrop
 
+    clock = Clock(device)  # wall time includes reading the data and building the model, as train's
     t, s = cfg.train, cfg.ssl
     o = resolve_lr(cfg.optim, t.batch_size)  # optim.lr_scale=per256: the parent's lr x batch / 256
     main = rank == 0
     if o.grad_clip > 0:
         raise ConfigError("pretrain clips each gradient tensor with ssl.clip_grad (as DINO); leave optim.grad_clip=0")
     out, finished = open_run(cfg, out_dir, resume, world, stop["held"], root="runs/pretrain")
-    ckpt_path = out / CHECKPOINT
     if finished is not None:
         return finished
 
     # ---- data: the training images teach; the labels only score the k-NN monitor
-    info = D.dataset_meta(cfg.data.dataset, cfg.data.data_dir, cfg.model.img_size)
+    info = dataset_info(cfg, world)  # rank 0 downloads what is missing
     (x_train, y_train), (x_test, y_test), _ = load_data(cfg, device, world)  # held-out images stay out
-    n = len(x_train)
-    spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, n)
-    bank = slice(0, s.knn_train_images or n)
+    spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, len(x_train))
+    bank = slice(0, s.knn_train_images or len(x_train))
 
     # ---- student, teacher (EMA; eval mode, no drop path, as DINO's, or train mode as the parent's), optimiser
     torch.manual_seed(t.seed)
@@ -212,9 +230,8 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
     clip_groups = clip_tensors(student, fused_qkv=s.clip_qkv == "fused")
     opt = build_optimizer(student, o, device)
     center = torch.zeros(1, s.out_dim, device=device)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
-    autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext)
+    precision = precision_of(cfg, device)
+    autocast = autocast_of(precision, device)
 
     def knn() -> float:  # rank 0 scores; the others wait for its number
         return dist_.on_rank0(lambda: knn_accuracy(teacher.backbone, x_train[bank], y_train[bank], x_test, y_test,
@@ -223,63 +240,43 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
 
     # ---- resume
     step, best, history, prior = 0, 0.0, [], {}
-    state = dist_.on_rank0(lambda: _read_resume_state(ckpt_path, cfg, device) if resume and ckpt_path.is_file()
-                           else None, world)
+    state = resume_state(out, cfg, device, resume, world)
     if state is not None:
-        load_model_state(student, state["student"], str(ckpt_path))
-        load_model_state(teacher, state["teacher"], str(ckpt_path))
+        load_model_state(student, state["student"], str(out / CHECKPOINT))
+        load_model_state(teacher, state["teacher"], str(out / CHECKPOINT))
         opt.load_state_dict(state["optimizer"])
         center.copy_(state["center"])
         step, best, history, prior = state["step"], state["best_acc"], state["history"], state
+        clock.resume(state)
     center_ref = prior["center_ref"].to(device) if "center_ref" in prior else center.clone()
     stats = torch.tensor(prior.get("pending", [0.0] * 4), device=device)  # loss, entropy, marginal entropy, count
-    timed, seen, wall_before = (prior.get(k, 0.0) for k in ("train_seconds", "train_images", "wall_seconds"))
-    last_saved = step if state is not None else None
+    ckpts = Checkpoints(out, step if state is not None else None)
     del state, prior
-    if main:
-        remove_stale_temps(out)
-        if resume:
-            truncate_metrics(out, step)
     net = student
     if world > 1:
         draw_for_global_batch(student.backbone, D.Shard(t.batch_size, rank, world))  # drop path as in one process
         net = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    if t.compile:
-        net = torch.compile(net, mode=None if t.compile_mode == "default" else t.compile_mode)
+    if t.compile:  # as train's: under torchrun without CUDA graphs
+        net = torch.compile(net, mode=compile_mode(cfg, world, main))
     views_of = MultiCrop(s, cfg.model.img_size, info.mean, info.std, device, seed=t.seed,
                          shard=D.Shard(t.batch_size, rank, world))
-    batch_indices = BatchOrder(cfg, n, spe, rank, world, device)
-    records = Records(out, enabled=main)
-    if main:
-        atomic_write_json(out / "config.json", to_dict(cfg))
-        atomic_write_json(out / "overrides.json", diff(cfg))
-        atomic_write_json(out / "env.json", environment(device))
+    batch_indices = BatchOrder(cfg, len(x_train), spe, rank, world, device)
+    records = start_records(out, cfg, device, main, resume, step)
     if step == 0:  # the same network at random init: the baseline the k-NN curve must beat
         acc = knn()
-        history.append({"step": 0, "epoch": 0.0, "knn_acc": acc, "train_seconds": 0.0})
-        records.log(0, knn_acc=acc, epoch=0.0)
+        history.append({"step": 0, "epoch": 0.0, "knn_acc": acc, "train_seconds": 0.0, "wall_seconds": clock.wall()})
+        records.log(0, knn_acc=acc, epoch=0.0, train_seconds=0.0, wall_seconds=history[-1]["wall_seconds"])
 
-    def checkpoint():
-        if not torch.stack([torch.isfinite(p).all() for p in student.parameters()]).all():
-            raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, what="weights"))
-        save_checkpoint(ckpt_path, {
-            "kind": "dino", "model": teacher.backbone.state_dict(), "teacher": teacher.state_dict(),
-            "student": student.state_dict(), "center": center, "center_ref": center_ref,
-            "optimizer": opt.state_dict(), "step": step, "best_acc": best, "history": history,
-            "config": to_dict(cfg), "train_seconds": timed, "train_images": seen, "pending": stats.tolist(),
-            "wall_seconds": wall_before + time.perf_counter() - wall_start, **run_place(world, device),
-            "dataset": {"num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
-                        "class_names": list(info.class_names)},
-        })
+    def checkpoint_state() -> dict:
+        return {"kind": "dino", "model": teacher.backbone.state_dict(), "teacher": teacher.state_dict(),
+                "student": student.state_dict(), "center": center, "center_ref": center_ref,
+                "optimizer": opt.state_dict(), "step": step, "best_acc": best, "history": history,
+                "config": to_dict(cfg), **clock.state(), "pending": stats.tolist(),
+                "dataset": {"num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
+                            "class_names": list(info.class_names)}}
 
-    bar = None
-    if main and t.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=last_step, initial=step, dynamic_ncols=True, unit="step")
-    wall_start, timer_start, stopping = time.perf_counter(), None, False
-    check_each_step = _check_each_step(device, t.on_nonfinite)
-    clock = CheckpointClock(t.checkpoint_every_seconds)
+    bar = progress_bar(main, cfg, last_step, step)
+    check, due, stopping = check_each_step(device, t.on_nonfinite), CheckpointClock(t.checkpoint_every_seconds), False
     frozen_last = list(student.head.last_layer.parameters())
     try:
         while step < last_step:
@@ -289,7 +286,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
             lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
             wd = lr_at(step, total_steps, 0, o.weight_decay, s.weight_decay_end)  # cosine 0.04 -> 0.4
             for g in opt.param_groups:
-                if g["kind"] in ("all", "decay", "adamw"):  # the no-decay and Muon groups keep their own
+                if g["decay_scheduled"]:  # optim.param_groups' flag: the no-decay and Muon groups keep their own
                     g["weight_decay"] = wd
             temp = teacher_temperature(epoch, s)
             with autocast():
@@ -303,11 +300,8 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
             if epoch < s.freeze_last_layer_epochs:  # DINO: the output layer stays fixed for the first epoch(s)
                 for p in frozen_last:
                     p.grad = None
-            if check_each_step and dist_.any_rank(~torch.isfinite(loss.detach()), world):
-                if t.on_nonfinite == "stop":
-                    raise TrainingError(_nonfinite_msg(step + 1, ckpt_path, last_saved))
+            if skip_nonfinite(loss, check, cfg, world, ckpts, records, step):
                 opt.zero_grad(set_to_none=True)
-                records.log(step + 1, event="skipped_nonfinite")
             else:
                 opt.step()
                 update_center(center, teacher_out, s.center_momentum, world)
@@ -315,11 +309,7 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
                 ema.update(student)
                 stats += torch.cat([loss.detach().view(1), teacher_stats(q), stats.new_ones(1)])
             step += 1
-            if timer_start is None:  # the first step of a (re)start is not timed
-                _sync(device)
-                timer_start = time.perf_counter()
-            else:
-                seen += t.batch_size
+            clock.stepped(t.batch_size)
             if bar is not None:
                 bar.update(1)
             log_now = step % t.log_every_steps == 0 or step == last_step
@@ -327,20 +317,12 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
             stopping = world == 1 and stop["signal"] is not None
             if not (log_now or save_now or stopping):
                 continue
-            # one host sync; under torchrun the ranks agree here on stopping
-            flags = torch.cat([stats, torch.tensor([float(stop["signal"] is not None), clock.due()], device=device)])
-            if world > 1:
-                dist.all_reduce(flags)
-            *sums, signalled, due = flags.tolist()
-            stopping = signalled > 0
-            save_now = save_now or due > 0
+            sums, stopping, is_due = agree(stats, stop, due, world)
+            save_now = save_now or is_due
             if not math.isfinite(sums[0]):
-                raise TrainingError(_nonfinite_msg(step, ckpt_path, last_saved, before=True))
+                raise ckpts.nonfinite(step, before=True)
             if log_now:
-                _sync(device)
-                c = max(sums[3], 1.0)
-                elapsed = timed + time.perf_counter() - timer_start
-                ips = seen / elapsed if elapsed > 0 else 0.0
+                c, ips = max(sums[3], 1.0), clock.img_per_s()
                 h, hm = sums[1] / c, sums[2] / c
                 records.log(step, loss=sums[0] / c, lr=lr, weight_decay=wd, momentum=ema.decay, teacher_temp=temp,
                             teacher_entropy=h, teacher_marginal_entropy=hm, teacher_mi=hm - h,
@@ -351,31 +333,29 @@ def _pretrain(cfg: Config, out_dir, resume: bool, rank: int, world: int, device:
                     bar.set_postfix(loss=f"{sums[0] / c:.3f}", H=f"{h:.2f}", MI=f"{hm - h:.2f}", img_s=f"{ips:.0f}")
                 stats.zero_()
                 center_ref = center.clone()
-            if save_now or stopping:
-                _sync(device)
-                timed += time.perf_counter() - timer_start  # k-NN and checkpoint time is not training time
-                if step in eval_steps:
-                    acc = knn()
-                    best = max(best, acc)
-                    history.append({"step": step, "epoch": step / spe, "knn_acc": acc, "train_seconds": timed})
-                    records.log(step, knn_acc=acc, epoch=step / spe, train_seconds=timed)
-                    if bar is not None:
-                        bar.write(f"step {step} epoch {step / spe:.2f}: k-NN acc {acc:.2f}%")
-                dist_.on_rank0(checkpoint, world)
-                last_saved = step
-                clock.saved()
-                timer_start = time.perf_counter()
-                if stopping:
-                    _say_stopped(bar, stop, step)
-                    break
+            if not (save_now or stopping):
+                continue
+            clock.pause()  # k-NN and checkpoint time is not training time
+            if step in eval_steps:
+                acc = knn()
+                best = max(best, acc)
+                times = {"train_seconds": clock.timed, "wall_seconds": clock.wall()}
+                history.append({"step": step, "epoch": step / spe, "knn_acc": acc, **times})
+                records.log(step, knn_acc=acc, epoch=step / spe, **times)
+                if bar is not None:
+                    bar.write(f"step {step} epoch {step / spe:.2f}: k-NN acc {acc:.2f}%")
+            ckpts.save(step, student.parameters, checkpoint_state, world, device)
+            due.saved()
+            clock.go()
+            if stopping:
+                say_stopped(bar, stop, step)
+                break
     finally:
         if bar is not None:
             bar.close()
         records.close()
 
-    interrupted = stopping and step < last_step
     result = {"kind": "dino", "init_knn_acc": history[0]["knn_acc"] if history and history[0]["step"] == 0 else None,
               "final_knn_acc": history[-1]["knn_acc"] if history else float("nan"), "best_knn_acc": best}
-    return finish_run(cfg, out, result, interrupted, step, total_steps, spe, seen, timed,
-                      wall_before + time.perf_counter() - wall_start, device, world, precision, stop["signal"],
-                      params=count_params(teacher.backbone))
+    return finish_run(cfg, out, result, stopping and step < last_step, step, total_steps, spe, clock, world,
+                      precision, stop["signal"], params=count_params(teacher.backbone))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Config, ConfigError, apply_overrides
+from .lifecycle import run_state
 from .runs import RunLock, atomic_write_json, check_run_folder
 
 JOBS = "jobs.json"  # in the submitit folder: which SLURM job ran which run folder
@@ -428,8 +429,6 @@ def submit_train(cfg: Config, out: Path, args) -> int:
         result = json.loads((out / "result.json").read_text())
         print(json.dumps({k: result[k] for k in ("final_test_acc", "best_test_acc", "step", "world_size")}))
         return 0
-    from .ablate import run_state
-
     row = run_status("run", out, run_state(out), folder, read_jobs(folder), squeue_states([job_id]))
     print(format_status([row], f"job {job_id}"))
     return 1
@@ -438,11 +437,12 @@ def submit_train(cfg: Config, out: Path, args) -> int:
 # ---- command line
 
 
-def add_arguments(p: argparse.ArgumentParser, per_run: bool) -> None:
-    """--launcher and the SLURM options: per run for a study (one task each), per node for `train`."""
+def add_arguments(p: argparse.ArgumentParser, per_run: bool, launchers=("local", "slurm")) -> None:
+    """--launcher (one of `launchers`, launchers.py's) and the SLURM options: per run for a study (one task each),
+    per node for `train`."""
     d = Resources()
     g = p.add_argument_group("SLURM (--launcher slurm, see docs/cluster.md)")
-    g.add_argument("--launcher", default="local", choices=["local", "slurm"],
+    g.add_argument("--launcher", default="local", choices=list(launchers),
                    help="local: this machine; slurm: submit through submitit (sbatch)")
     g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
     if per_run:
