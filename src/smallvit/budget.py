@@ -39,7 +39,8 @@ class Decision:
     decided_at_step: int
     elapsed_s: float  # wall time of the command when deciding
     step_s: float  # measured seconds per training step
-    eval_s: float  # estimated seconds of one evaluation (and the final test)
+    eval_s: float  # estimated seconds of one evaluation during training
+    final_s: float  # estimated seconds of the last evaluation (and the test set, with a validation split)
     margin_s: float
     total_steps: int
     steps_per_epoch: int
@@ -55,22 +56,21 @@ class Decision:
     def line(self) -> str:
         why = ("train.epochs caps it" if self.capped else
                f"{self.budget_s:.0f} s budget, {self.elapsed_s:.0f} s spent, {self.step_s * 1e3:.0f} ms a step, "
-               f"{self.eval_s:.0f} s per evaluation, {self.margin_s:.0f} s margin")
+               f"{self.final_s:.0f} s for the final evaluation, {self.margin_s:.0f} s margin")
         return f"time budget: {self.total_steps} steps ({self.passes:.2f} passes) ({why})"
 
 
-def decide(budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float, evals_per_step: float,
-           max_steps: int, steps_per_epoch: int) -> Decision:
+def decide(budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float, final_s: float,
+           evals_per_step: float, max_steps: int, steps_per_epoch: int) -> Decision:
     """The total number of steps that ends within `budget_s`: the time left (less a margin of 3% of the budget and
     at least 5 s, for the checkpoints, the result and the process's exit) pays for the remaining steps, the
-    evaluations they bring (`evals_per_step` of them per step) and the final test."""
+    evaluations they bring (`evals_per_step` of them per step) and the final evaluation, which always happens."""
     margin = max(5.0, 0.03 * budget_s)
-    left = budget_s - elapsed_s - margin - eval_s  # the final evaluation always happens
+    left = budget_s - elapsed_s - margin - final_s
     more = max(0, math.floor(left / (step_s + evals_per_step * eval_s))) if left > 0 else 0
     total = step + more
-    capped = total >= max_steps
-    return Decision(budget_s, step, elapsed_s, step_s, eval_s, margin, max(step, min(total, max_steps)),
-                    steps_per_epoch, capped)
+    return Decision(budget_s, step, elapsed_s, step_s, eval_s, final_s, margin, max(step, min(total, max_steps)),
+                    steps_per_epoch, total >= max_steps)
 
 
 def from_dict(d: dict) -> Decision:

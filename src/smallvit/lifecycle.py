@@ -131,13 +131,14 @@ def load_data(cfg: Config, device: torch.device, world: int):
     return (x_train, y_train), (x_test, y_test), val
 
 
-def step_plan(cfg: Config, n: int) -> tuple[int, int, int, int, set[int]]:
-    """(steps per epoch, total steps, warm-up steps, last step of this run, evaluation steps) for n images."""
+def step_plan(cfg: Config, n: int, total_steps: int = 0) -> tuple[int, int, int, int, set[int]]:
+    """(steps per epoch, total steps, warm-up steps, last step of this run, evaluation steps) for n images; the
+    total is train.epochs' unless given (a time budget's decision, budget.py)."""
     t, a = cfg.train, cfg.aug
     spe = D.steps_per_epoch(n, a.repeats, t.batch_size)
     if spe == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {n * a.repeats} samples per epoch")
-    total_steps = t.epochs * spe
+    total_steps = total_steps or t.epochs * spe
     last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
     eval_steps = {e * spe for e in range(1, t.epochs + 1) if t.eval_every_epochs and e % t.eval_every_epochs == 0}
     eval_steps = {s for s in eval_steps if s < last_step} | {last_step}  # always evaluate the end (SPEC bug 11)
