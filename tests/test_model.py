@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from smallvit.config import ABLATIONS, make_config
+from smallvit.experiments import ABLATIONS, make_config
 from smallvit.model import build_model, count_params, flops_per_image, sincos_pos_embed
 
 

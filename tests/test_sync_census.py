@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from smallvit import autoaugment as A
 from smallvit import cpu_kernels
 from smallvit.augment import BatchAugment
-from smallvit.config import make_config
-from smallvit.data import DATASETS
+from smallvit.experiments import make_config
+from smallvit.datasets import DATASETS
 from smallvit.model import build_model
 from smallvit.optim import build_optimizer, schedule_factor, set_lr
 from smallvit.sync_census import SyncCensus

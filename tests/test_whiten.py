@@ -1,6 +1,6 @@
 import torch
 
-from smallvit.config import make_config
+from smallvit.experiments import make_config
 from smallvit.model import build_model
 from smallvit.whiten import whiten_patch_embed
 
