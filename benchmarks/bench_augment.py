@@ -30,9 +30,10 @@ from timing import images_per_second
 
 from smallvit import augment, cpu_kernels, data
 from smallvit.config import AugConfig
+from smallvit.datasets import DATASETS
 from smallvit.train import chunk_steps
 
-MEAN, STD = data.DATASETS["cifar10"].mean, data.DATASETS["cifar10"].std
+MEAN, STD = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
 
 
 def load_images(data_dir: str, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:

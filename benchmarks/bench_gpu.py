@@ -35,9 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checko
 from timing import sync
 
 from smallvit.augment import BatchAugment
+from smallvit.config import COMPILE_MODES, parse_overrides
+from smallvit.experiments import make_config
+from smallvit.data import DataError, load
+from smallvit.datasets import DATASETS
 from smallvit.backbones import build_model
-from smallvit.config import COMPILE_MODES, make_config, parse_overrides
-from smallvit.data import DATASETS, DataError, load
 from smallvit.model import count_params, flops_per_image
 from smallvit.optim import build_optimizer, schedule_factor, set_lr
 from smallvit.runs import device_name, read_metrics

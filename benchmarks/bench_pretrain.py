@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from smallvit import data as D
-from smallvit.backbones import build_model
-from smallvit.config import make_config, parse_overrides
+from smallvit.config import parse_overrides
 from smallvit.data import steps_per_epoch
+from smallvit.datasets import DATASETS
+from smallvit.experiments import make_config
+from smallvit.backbones import build_model
 from smallvit.pretrain import pretrain
 from smallvit.train import train
 
@@ -52,10 +53,12 @@ def random_cifar10(root: Path, n_train: int, n_test: int = 100) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     per = -(-n_train // 5)
+    sums = {}
     for name, n in [(f"data_batch_{i + 1}", per) for i in range(5)] + [("test_batch", n_test)]:
         d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
         (folder / name).write_bytes(pickle.dumps(d))
-        D.CHECKSUMS["cifar10"][name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+        sums[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    DATASETS["cifar10"] = replace(DATASETS["cifar10"], md5=sums)
 
 
 def main() -> None:

@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checko
 from timing import images_per_second
 
 from smallvit.augment import BatchAugment
+from smallvit.config import parse_overrides
+from smallvit.experiments import make_config
+from smallvit.datasets import DATASETS
 from smallvit.backbones import build_model
-from smallvit.config import make_config, parse_overrides
-from smallvit.data import DATASETS
 from smallvit.model import count_params, flops_per_image
 from smallvit.optim import build_optimizer
 from smallvit.runs import device_name

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # runs from a checkout without pip-installing smallvit
 
-from smallvit.ablate import STUDIES  # noqa: E402
+from smallvit.experiments import STUDIES  # noqa: E402
 from smallvit.runs import environment, read_metrics  # noqa: E402
 
 THRESHOLDS = (60, 70, 75)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smallvit import data as D
-from smallvit.config import make_config
+from smallvit.datasets import DATASETS
+from smallvit.experiments import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("SMALLVIT_REAL_DATA", REPO.parent / "shared" / "data"))
@@ -57,6 +58,11 @@ def write_fake_cifar10(root: Path, n_train: int = 600, n_test: int = 200) -> dic
     return sums
 
 
+def use_checksums(mp: pytest.MonkeyPatch, name: str, sums: dict[str, str]) -> None:
+    """Point the dataset's registry record at these files' md5s (a fake dataset's) until `mp` is undone."""
+    mp.setitem(DATASETS, name, dataclasses.replace(DATASETS[name], md5=sums))
+
+
 @pytest.fixture
 def one_thread():
     """Small tensors gain nothing from extra intra-op threads, which only thrash on a busy 2-core machine."""
@@ -73,7 +79,7 @@ def fake_cifar(tmp_path, monkeypatch) -> Path:
     """A tiny CIFAR-10 in the official layout; the reader's checksum table points at these files."""
     root = tmp_path / "data"
     sums = write_fake_cifar10(root)
-    monkeypatch.setitem(D.CHECKSUMS, "cifar10", sums)
+    use_checksums(monkeypatch, "cifar10", sums)
     return root
 
 
@@ -92,5 +98,5 @@ def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     sums = write_fake_cifar10(root, n_train=320, n_test=64)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(D.CHECKSUMS, "cifar10", sums)
+        use_checksums(mp, "cifar10", sums)
         yield root

@@ -11,10 +11,13 @@ from PIL import Image
 import smallvit
 from conftest import smoke_config
 from smallvit import data as D
-from smallvit.ablate import STUDIES, plan
+from smallvit.ablate import plan
 from smallvit.backbones import Cait, Swin, build_model
+from smallvit.experiments import STUDIES
 from smallvit.cli import main
-from smallvit.config import ABLATIONS, PRESETS, ConfigError, make_config
+from smallvit.config import ConfigError
+from smallvit.datasets import DATASETS
+from smallvit.experiments import ABLATIONS, PRESETS, make_config
 from smallvit.evaluate import evaluate_run
 from smallvit.export import run_exported
 from smallvit.inspect_attn import attention_maps, rollout
@@ -145,7 +148,7 @@ def test_train_resume_eval_predict_export_info(arch, cifar, tmp_path, capsys, on
     img = tmp_path / "x.png"
     Image.fromarray(torch.randint(0, 255, (40, 50, 3), dtype=torch.uint8).numpy()).save(img)
     assert main(["predict", str(tmp_path / "full"), str(img), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] in D.CLASS_NAMES["cifar10"]
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] in DATASETS["cifar10"].class_names
 
     model, preprocess, _ = smallvit.load(tmp_path / "full")
     xb = preprocess(D.load("cifar10", str(cifar), download=False, train=False)[0][:5])  # another batch size

@@ -21,7 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smallvit.cli import main
-from smallvit.config import DATASET_FACTS, SEED_LIMIT, VALID_KEYS, WANDB_FORBIDDEN, choices, make_config
+from smallvit.config import SEED_LIMIT, VALID_KEYS, WANDB_FORBIDDEN, key_choices
+from smallvit.datasets import DATASETS
+from smallvit.experiments import make_config
 
 # the modules (smallvit's package namespace exports the functions train and pretrain under the same names)
 T, P = importlib.import_module("smallvit.train"), importlib.import_module("smallvit.pretrain")
@@ -63,7 +65,7 @@ SIZE = SMOKE.model.img_size
 IMAGES = SMOKE.data.subset  # the smoke preset's training images
 # Invalid values by range, choice or rule, as CLI strings, for every key whose type alone does not cover them.
 RANGE: dict[str, st.SearchStrategy[str]] = {
-    "model.img_size": ints().filter(lambda v: int(v) != DATASET_FACTS["cifar10"][0]),  # CIFAR-10 is not resized
+    "model.img_size": ints().filter(lambda v: int(v) != DATASETS["cifar10"].image_size),  # CIFAR-10 is not resized
     "model.patch_size": ints().filter(lambda v: int(v) <= 0 or SIZE % int(v) != 0),
     "model.in_chans": ints().filter(lambda v: int(v) != 3),
     "model.num_classes": ints().filter(lambda v: int(v) not in (0, 10)),
@@ -148,7 +150,7 @@ RANGE: dict[str, st.SearchStrategy[str]] = {
     "ssl.blur_sigma": pairs(below(0, strict=False), floats(0.1, 2.0)) | st.just("2.0,0.1"),
 }
 # Keys whose type says everything (true/false, or a fixed set of choices): the type-derived values below suffice.
-TYPE_ONLY = {k for k, t in VALID_KEYS.items() if t is bool or choices(t)}
+TYPE_ONLY = {k for k, t in VALID_KEYS.items() if t is bool or key_choices(k)}
 # Keys with no invalid value a config can know of, and who checks them instead.
 FREE_TEXT = {"data.data_dir": "any folder; data.py names it in one line when the dataset is not there"}
 # Other keys a check needs set to be reached (otherwise model.arch=vit refuses any swin key, unread, by name).
@@ -160,13 +162,14 @@ CONTEXT = {
 }
 
 
-def wrong_type(t) -> st.SearchStrategy[str]:
+def wrong_type(key) -> st.SearchStrategy[str]:
     """Strings the key's type refuses: not a number, not a whole number, not true/false, not a choice."""
+    t = VALID_KEYS[key]
     origin = typing.get_origin(t)
     if t is bool:
         return st.sampled_from(["maybe", "2", "-1", "", "none", "1.0"])
-    if choices(t):
-        return st.text().filter(lambda s: s.strip() not in choices(t))
+    if key_choices(key):
+        return st.text().filter(lambda s: s.strip() not in key_choices(key))
     if t is int:
         return st.sampled_from(["x", "2.5", "1e-3", "true", "[1]", "NaN", ""])
     if t is float:
@@ -220,7 +223,7 @@ def no_training(monkeypatch):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
 @given(data=st.data())
 def test_bad_value_is_one_line_exit_2_and_nothing_written(no_training, key, data):
-    strategy = wrong_type(VALID_KEYS[key])
+    strategy = wrong_type(key)
     if key in RANGE:
         strategy = strategy | RANGE[key]
     value = data.draw(strategy, label=key)
@@ -280,13 +283,14 @@ def test_presets_stay_valid(preset):
 
 
 def test_dataset_facts_agree_with_the_reader():
+    """One record per dataset (datasets.py) is what the checks and the readers both read; its facts agree."""
     from smallvit import data as D
 
-    assert set(DATASET_FACTS) == set(D.DATASETS)
-    for name, (size, classes, _) in DATASET_FACTS.items():
-        info = D.DATASETS[name]
-        assert classes == info.num_classes
-        assert (size == 0) == (info.layout == "images")  # image files are decoded at model.img_size
+    for name, info in DATASETS.items():
+        assert info.name == name and info.kind in D.READERS
+        assert not info.class_names or len(info.class_names) == info.num_classes
+        # image files are decoded at model.img_size; arrays (pickle, mat) are stored at their size
+        assert info.resized == (info.kind not in ("pickle", "mat"))
 
 
 def _script():

@@ -1,16 +1,7 @@
 import pytest
 
-from smallvit.config import (
-    ABLATIONS,
-    Config,
-    ConfigError,
-    apply_overrides,
-    diff,
-    from_dict,
-    make_config,
-    parse_overrides,
-    to_dict,
-)
+from smallvit.config import Config, ConfigError, apply_overrides, diff, from_dict, parse_overrides, to_dict
+from smallvit.experiments import ABLATIONS, make_config
 
 
 def test_defaults_are_the_paper_baseline():

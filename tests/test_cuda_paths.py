@@ -16,8 +16,9 @@ import torch
 from conftest import REPO, smoke_config, write_fake_cifar10
 from smallvit import distributed as dist_
 from smallvit import optim
+from smallvit.config import OptimConfig
+from smallvit.experiments import make_config
 from smallvit.backbones import build_model
-from smallvit.config import OptimConfig, make_config
 from smallvit.runs import load_checkpoint
 
 T = importlib.import_module("smallvit.train")
@@ -81,14 +82,15 @@ def test_compile_mode_under_torchrun_has_no_cuda_graphs(mode, world, expected):
 
 
 DRIVER = r"""
-import json, os, sys, time
+import dataclasses, json, os, sys, time
 import torch
 from conftest import write_fake_cifar10
 from smallvit import data as D
 from smallvit import train
+from smallvit.datasets import DATASETS
 
 sums, data, log, out = sys.argv[1:5]
-D.CHECKSUMS["cifar10"] = json.loads(open(sums).read())
+DATASETS["cifar10"] = dataclasses.replace(DATASETS["cifar10"], md5=json.loads(open(sums).read()))
 rank = os.environ["RANK"]
 
 def download(root, info):  # the network, simulated: slow, and it says who called it

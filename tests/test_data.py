@@ -1,10 +1,14 @@
+import dataclasses
 import pickle
 
 import pytest
 import torch
 
-from conftest import HAVE_REAL, REAL_DATA, needs_real_cifar
+import smallvit
+from conftest import HAVE_REAL, REAL_DATA, needs_real_cifar, smoke_config
 from smallvit import data as D
+from smallvit.config import ConfigError, key_choices
+from smallvit.datasets import DATASETS
 
 
 def test_reads_official_layout(fake_cifar):
@@ -72,3 +76,22 @@ def test_real_data_presence_is_reported():
     # Visible in the summary: the real-data tests are skipped, not silently passed, when the data is absent.
     if not HAVE_REAL:
         pytest.skip(f"real CIFAR-10 absent at {REAL_DATA}")
+
+
+def test_a_new_dataset_is_one_registry_record(fake_cifar, tmp_path, one_thread):
+    """A dataset in a format smallvit reads needs one record and nothing else: registered, it is a choice of
+    data.dataset, the checks read its facts, it loads and a run trains on it; removed, it is refused again."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(DATASETS, "cifar10-copy", dataclasses.replace(DATASETS["cifar10"], name="cifar10-copy"))
+        assert "cifar10-copy" in key_choices("data.dataset")
+        with pytest.raises(ConfigError, match="data.dataset=cifar10-copy has 10 classes"):
+            smoke_config(fake_cifar, **{"data.dataset": "cifar10-copy", "model.num_classes": 100})
+        x, y = D.load("cifar10-copy", str(fake_cifar), download=False, train=False)
+        assert x.shape == (200, 3, 32, 32) and torch.equal(y, D.load("cifar10", str(fake_cifar), download=False,
+                                                                      train=False)[1])
+        cfg = smoke_config(fake_cifar, **{"data.dataset": "cifar10-copy", "train.max_steps": 2})
+        assert smallvit.train(cfg, tmp_path / "run")["step"] == 2
+        assert smallvit.load(tmp_path / "run").class_names == DATASETS["cifar10"].class_names
+    assert "cifar10-copy" not in DATASETS
+    with pytest.raises(ConfigError, match="data.dataset must be one of cifar10, .*got 'cifar10-copy'"):
+        smoke_config(fake_cifar, **{"data.dataset": "cifar10-copy"})

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import smallvit
-from conftest import make_images, smoke_config, write_fake_cifar10
-from smallvit import data as D
+from conftest import make_images, smoke_config, use_checksums, write_fake_cifar10
 from smallvit.backbones import build_model
 from smallvit.cli import main
-from smallvit.config import ConfigError, apply_overrides, make_config, to_dict
+from smallvit.config import ConfigError, apply_overrides, to_dict
+from smallvit.datasets import DATASETS
+from smallvit.experiments import make_config
 from smallvit.export import ExportError, export
 from smallvit.pretrained import init_from, smallvit_to_timm, timm_to_smallvit
 from smallvit.runs import CheckpointError, read_metrics, save_checkpoint
@@ -28,7 +29,7 @@ def run(tmp_path_factory):
     """One tiny trained baseline-shaped run (one CLS token, full-rank q/k/v: what timm can express)."""
     data = tmp_path_factory.mktemp("data")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(D.CHECKSUMS, "cifar10", write_fake_cifar10(data, n_train=320, n_test=64))
+        use_checksums(mp, "cifar10", write_fake_cifar10(data, n_train=320, n_test=64))
         out = tmp_path_factory.mktemp("runs") / "base"
         smallvit.train(smoke_config(data, **TINY), out)
     return out
@@ -144,7 +145,7 @@ def _write_fake_cifar100(root: Path) -> dict[str, str]:
 
 
 def test_cifar10_run_to_cifar100_model(run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(D.CHECKSUMS, "cifar100", _write_fake_cifar100(tmp_path / "data"))
+    use_checksums(monkeypatch, "cifar100", _write_fake_cifar100(tmp_path / "data"))
     src = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     torch.manual_seed(0)
     model = _model(**{"data.dataset": "cifar100", "model.num_classes": 100})
@@ -284,8 +285,8 @@ def test_export_timm_folder_loads_in_timm_offline(run, tmp_path, monkeypatch, ca
     assert cfg["num_classes"] == 10 and cfg["label_names"] == list(names)
     data = timm.data.resolve_data_config({}, model=tm)
     # tuple(): timm 1.0.28 gives config.json's list
-    assert tuple(data["input_size"]) == (3, 32, 32) and data["mean"] == pytest.approx(D.DATASETS["cifar10"].mean)
-    assert data["std"] == pytest.approx(D.DATASETS["cifar10"].std)
+    assert tuple(data["input_size"]) == (3, 32, 32) and data["mean"] == pytest.approx(DATASETS["cifar10"].mean)
+    assert data["std"] == pytest.approx(DATASETS["cifar10"].std)
 
 
 @pytest.mark.parametrize("ablation, reason", [("mla-q", "low-rank"), ("cls2", "2 CLS tokens"),

@@ -15,8 +15,9 @@ import smallvit
 from smallvit import data as D
 from smallvit import imagesets as S
 from smallvit.cli import main
-from smallvit.config import make_config
+from smallvit.datasets import DATASETS
 from smallvit.evaluate import evaluate_run
+from smallvit.experiments import make_config
 
 WNIDS = ["n09999999", "n01443537", "n02123045"]  # wnids.txt is not sorted; labels follow the sorted order
 WORDS = {"n01443537": "goldfish, Carassius auratus", "n02123045": "tabby, tabby cat", "n09999999": "volcano",
@@ -56,22 +57,26 @@ def write_cinic(root, n=(6, 2, 3), size=32):
     """The layout of CINIC-10.tar.gz (train / valid / test / <class> / *.png); returns the folder."""
     rng = np.random.default_rng(1)
     for split, k in zip(("train", "valid", "test"), n):
-        for label, c in enumerate(D.CLASS_NAMES["cinic10"]):
+        for label, c in enumerate(DATASETS["cinic10"].class_names):
             (root / split / c).mkdir(parents=True)
             for i in range(k):
                 _img(rng, size, label, root / split / c / f"cifar10-{split}-{i}.png", "PNG")
     return root
 
 
+def _set(monkeypatch, name, **facts):
+    """Replace some facts of a dataset's registry record for the test."""
+    monkeypatch.setitem(DATASETS, name, dataclasses.replace(DATASETS[name], **facts))
+
+
 @pytest.fixture
 def counts(monkeypatch):
-    monkeypatch.setitem(S.EXPECTED_COUNTS, "tinyimagenet", {"train": 12, "val": 6})
-    monkeypatch.setitem(S.EXPECTED_COUNTS, "cinic10", {"train": 60, "valid": 20, "test": 30})
+    _set(monkeypatch, "tinyimagenet", train_images=12, test_images=6)
+    _set(monkeypatch, "cinic10", train_images=60, test_images=30)
 
 
 def _set_md5(monkeypatch, name, archive):
-    info = dataclasses.replace(D.DATASETS[name], archive_md5=hashlib.md5(archive.read_bytes()).hexdigest())
-    monkeypatch.setitem(D.DATASETS, name, info)
+    _set(monkeypatch, name, archive_md5=hashlib.md5(archive.read_bytes()).hexdigest())
 
 
 def test_tiny_imagenet_official_layout(tmp_path, counts):
@@ -126,9 +131,9 @@ def test_missing_files_and_incomplete_unpack(tmp_path, counts, monkeypatch):
                               ("cinic10", "CINIC-10.tar.gz", "valid/<class>/*.png")):
         with pytest.raises(D.DataError) as e:
             D.load(name, str(tmp_path / "none"), download=False)
-        assert url in str(e.value) and layout in str(e.value) and D.DATASETS[name].archive_md5 in str(e.value)
+        assert url in str(e.value) and layout in str(e.value) and DATASETS[name].archive_md5 in str(e.value)
     write_cinic(tmp_path / "cinic-10")
-    monkeypatch.setitem(S.EXPECTED_COUNTS, "cinic10", {"train": 90_000, "valid": 90_000, "test": 90_000})
+    _set(monkeypatch, "cinic10", train_images=90_000, test_images=90_000)
     with pytest.raises(D.DataError, match="holds 60 images, the official archive 90000"):
         D.load("cinic10", str(tmp_path), download=False)
 
@@ -157,14 +162,14 @@ def test_cinic_tar_gz_unpacks_and_trains_end_to_end(tmp_path, counts, monkeypatc
     assert smallvit.train(cfg, tmp_path / "run")["step"] == 3
     report = evaluate_run(tmp_path / "run", device="cpu")
     assert report["dataset"] == "cinic10" and report["n"] == 30 and "airplane" in report["per_class_acc"]
-    assert smallvit.load(tmp_path / "run").preprocess.mean.tolist() == pytest.approx(D.DATASETS["cinic10"].mean)
+    assert smallvit.load(tmp_path / "run").preprocess.mean.tolist() == pytest.approx(DATASETS["cinic10"].mean)
 
 
 def test_tiny_imagenet_preset_trains_at_64_px(tmp_path, monkeypatch, one_thread):
     wnids = [f"n{10_000_000 + 7 * i:08d}" for i in range(200)]  # the real class count: the head has 200 outputs
     write_tiny_imagenet(tmp_path / "data", n_train=1, n_val=1, wnids=wnids,
                         words={w: f"thing {i}, other name" for i, w in enumerate(wnids)})
-    monkeypatch.setitem(S.EXPECTED_COUNTS, "tinyimagenet", {"train": 200, "val": 200})
+    _set(monkeypatch, "tinyimagenet", train_images=200, test_images=200)
     cfg = make_config("tinyimagenet", {"model.embed_dim": 32, "model.depth": 1, "model.num_heads": 2,
                                        "model.patch_size": 8, "train.epochs": 2, "optim.warmup_epochs": 1,
                                        "train.batch_size": 50, "train.max_steps": 2, "train.progress": False,
@@ -197,9 +202,10 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, counts, capsys):
 
 CHILD = """
 import dataclasses, json, sys
-from smallvit import data as D, imagesets as S
-S.EXPECTED_COUNTS["tinyimagenet"] = {"train": 12, "val": 6}
-D.DATASETS["tinyimagenet"] = dataclasses.replace(D.DATASETS["tinyimagenet"], archive_md5=sys.argv[2])
+from smallvit import data as D
+from smallvit.datasets import DATASETS
+DATASETS["tinyimagenet"] = dataclasses.replace(DATASETS["tinyimagenet"], train_images=12, test_images=6,
+                                               archive_md5=sys.argv[2])
 x, y = D.load("tinyimagenet", sys.argv[1], download=False, img_size=64)
 print(json.dumps([x.sum().item(), y.tolist()]))
 """

@@ -13,7 +13,7 @@ from smallvit import distributed as dist_
 from smallvit import lifecycle
 from smallvit import pretrain as P
 from smallvit.backbones import ARCHS, Backbone, build_model
-from smallvit.config import make_config
+from smallvit.experiments import make_config
 from smallvit.knn import knn_accuracy
 from smallvit.optim import build_optimizer, resolve_lr
 from smallvit.runs import read_metrics

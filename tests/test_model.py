@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from smallvit.experiments import ABLATIONS, make_config
 from smallvit.backbones import build_model
-from smallvit.config import ABLATIONS, make_config
 from smallvit.model import count_params, flops_per_image, sincos_pos_embed
 
 

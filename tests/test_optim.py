@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from smallvit.config import OptimConfig
+from smallvit.experiments import make_config
 from smallvit.backbones import build_model
-from smallvit.config import OptimConfig, make_config
 from smallvit.optim import build_optimizer, lr_at, param_groups, schedule_factor
 
 

@@ -12,7 +12,8 @@ import torch
 from conftest import REAL_DATA, needs_real_cifar, smoke_config
 from smallvit import pretrain as P
 from smallvit.cli import main
-from smallvit.config import SSLConfig, make_config
+from smallvit.config import SSLConfig
+from smallvit.experiments import make_config
 from smallvit.knn import knn_predict
 from smallvit.multicrop import MultiCrop, crop_boxes, gaussian_blur, shift_hue
 from smallvit.runs import load_checkpoint, read_metrics

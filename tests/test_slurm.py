@@ -20,10 +20,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, smoke_config, write_fake_cifar10
-from smallvit import data as D
+from conftest import REPO, smoke_config, use_checksums, write_fake_cifar10
 from smallvit import slurm
-from smallvit.ablate import STUDIES
+from smallvit.experiments import STUDIES
 from smallvit.cli import main
 from smallvit.config import parse_overrides
 from smallvit.runs import load_checkpoint, read_metrics
@@ -57,10 +56,11 @@ def _cluster_required():
     pytest.fail(f"SMALLVIT_REQUIRE_SERVICES=1 but {NO_CLUSTER}")
 
 SITE = """\
-import json, os
+import dataclasses, json, os
 if os.environ.get("SMALLVIT_TEST_SUMS"):
-    from smallvit import data as D
-    D.CHECKSUMS["cifar10"] = json.loads(open(os.environ["SMALLVIT_TEST_SUMS"]).read())
+    from smallvit.datasets import DATASETS
+    DATASETS["cifar10"] = dataclasses.replace(DATASETS["cifar10"],
+                                              md5=json.loads(open(os.environ["SMALLVIT_TEST_SUMS"]).read()))
 """
 SETS = ["data.download=false", "data.subset=0", "data.test_subset=0", "train.threads=1", "train.device=cpu"]
 PLAIN = ["aug.crop_pad=0", "aug.flip=false", "aug.autoaugment=none", "aug.erase_p=0", "aug.mixup=false",
@@ -79,7 +79,7 @@ def cluster(tmp_path_factory):
         path = [str(root / "site"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
         mp.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
         mp.setenv("SMALLVIT_TEST_SUMS", str(root / "sums.json"))
-        mp.setitem(D.CHECKSUMS, "cifar10", sums)
+        use_checksums(mp, "cifar10", sums)
         mp.setitem(STUDIES, "tiny", ["baseline", "-mixup"])
         yield SimpleNamespace(root=root, data=root / "data")
 

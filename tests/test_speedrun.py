@@ -10,8 +10,9 @@ import torch
 from conftest import REAL_DATA, needs_real_cifar, smoke_config
 from smallvit import train
 from smallvit.augment import resize, resolution_at
+from smallvit.config import ConfigError, res_stages
+from smallvit.experiments import make_config
 from smallvit.backbones import build_model
-from smallvit.config import ConfigError, make_config, res_stages
 from smallvit.optim import lr_at
 from smallvit.runs import load_checkpoint, read_metrics
 
@@ -144,9 +145,9 @@ def test_training_follows_the_res_schedule_and_resumes_exactly(fake_cifar, tmp_p
 
 
 def test_eval_flip_scores_the_mean_of_both_views(fake_cifar, tmp_path):
-    from smallvit.data import DATASETS
-    from smallvit.data import load as load_data
     from smallvit.evaluate import load, predict_logits
+    from smallvit.data import load as load_data
+    from smallvit.datasets import DATASETS
 
     cfg = smoke_config(fake_cifar, **{"train.eval_flip": True, "optim.lr": 3e-3})
     r = train(cfg, tmp_path / "run")
@@ -173,8 +174,8 @@ def test_wall_time_includes_data_loading_and_is_in_every_evaluation(fake_cifar, 
 
 
 def test_each_speedrun_ablation_takes_back_exactly_its_ingredient():
-    from smallvit.ablate import STUDIES
-    from smallvit.config import ABLATIONS, SPEEDRUN_ABLATIONS, SPEEDRUN_INGREDIENTS, Config, diff
+    from smallvit.config import Config, diff
+    from smallvit.experiments import ABLATIONS, SPEEDRUN_ABLATIONS, SPEEDRUN_INGREDIENTS, STUDIES
 
     recipe = make_config("speedrun")
     assert recipe.model.arch == "vit" and recipe.model.patch_size == 4  # a plain patch embedding, no conv stem
@@ -215,8 +216,8 @@ def test_cpu_speedrun_benchmark_runs_the_recipe_and_its_ablations(tmp_path):
 
 
 def test_ema_of_the_weights_is_what_evaluations_and_commands_use_and_resumes_exactly(fake_cifar, tmp_path):
-    from smallvit.data import DATASETS
     from smallvit.data import load as load_data
+    from smallvit.datasets import DATASETS
     from smallvit.evaluate import load, predict_logits
     from smallvit.pretrained import read_state_dict
 

@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REAL_DATA, needs_real_cifar, smoke_config
-from smallvit.ablate import STUDIES, ablate, plan, scaled
+from smallvit.ablate import ablate, plan, scaled
+from smallvit.experiments import STUDIES
 from smallvit.cli import main
-from smallvit.config import ConfigError, make_config
+from smallvit.config import ConfigError
+from smallvit.experiments import make_config
 from smallvit.report import report
 from smallvit.runs import load_checkpoint
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from smallvit import autoaugment as A
 from smallvit import cpu_kernels
 from smallvit.augment import BatchAugment
+from smallvit.experiments import make_config
+from smallvit.datasets import DATASETS
 from smallvit.backbones import build_model
-from smallvit.config import make_config
-from smallvit.data import DATASETS
 from smallvit.optim import build_optimizer, schedule_factor, set_lr
 from sync_census import SyncCensus  # a test helper (tests/sync_census.py)
 

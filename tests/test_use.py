@@ -9,11 +9,13 @@ import torch
 from PIL import Image
 
 import smallvit
-from conftest import make_images, smoke_config
+from conftest import make_images, smoke_config, use_checksums
 from smallvit import data as D
 from smallvit.backbones import build_model
 from smallvit.cli import main
-from smallvit.config import ConfigError, make_config, to_dict
+from smallvit.config import ConfigError, to_dict
+from smallvit.datasets import DATASETS
+from smallvit.experiments import make_config
 from smallvit.evaluate import evaluate_run, predict_logits
 from smallvit.export import max_abs_diff, run_exported
 from smallvit.inspect_attn import attention_maps, figure_size_px, rollout
@@ -52,7 +54,7 @@ def test_eval_any_ablation_checkpoint(cifar, tmp_path, ablation):
     save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": to_dict(cfg)})
     report = evaluate_run(tmp_path / "ckpt.pt", tta_flip=True, device="cpu")
     x, y = D.load("cifar10", str(cifar), download=False, train=False)
-    info = D.DATASETS["cifar10"]
+    info = DATASETS["cifar10"]
     acc = 100.0 * (predict_logits(model, x, info.mean, info.std).argmax(1) == y).float().mean().item()
     assert report["n"] == 64 and report["test_acc"] == pytest.approx(acc)
     assert "test_acc_tta_flip" in report and (tmp_path / "confusion.png").is_file()
@@ -81,7 +83,7 @@ def test_predict_png_and_jpeg_of_any_size(run, tmp_path, capsys):
     for r in out:
         probs = [t["prob"] for t in r["top"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-        assert all(t["class"] == D.CLASS_NAMES["cifar10"][t["index"]] for t in r["top"])
+        assert all(t["class"] == DATASETS["cifar10"].class_names[t["index"]] for t in r["top"])
     assert main(["predict", str(run), files[0], "--topk", "2"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["image", "rank", "class", "prob"] and len(table) == 3 and files[0] in table[1]
@@ -92,11 +94,11 @@ def test_predict_png_and_jpeg_of_any_size(run, tmp_path, capsys):
 
 def test_load_api_matches_evaluation(run, cifar, tmp_path):
     model, preprocess, names = smallvit.load(run)
-    assert not model.training and names == D.CLASS_NAMES["cifar10"]
+    assert not model.training and names == DATASETS["cifar10"].class_names
     x, _ = _test_batch(cifar, 3)
     Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(tmp_path / "t.png")  # lossless: the same pixels
     p = smallvit.load(run)
-    info = D.DATASETS["cifar10"]
+    info = DATASETS["cifar10"]
     want = predict_logits(model, x, info.mean, info.std)
     torch.testing.assert_close(p.logits(tmp_path / "t.png"), want[:1])
     torch.testing.assert_close(p.logits(x), want)  # a uint8 batch tensor
@@ -129,7 +131,7 @@ def test_export_onnx_gives_the_same_logits(run, cifar, tmp_path, capsys):
     m = onnx.load(str(f))
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 17
     side = json.loads((tmp_path / "m.onnx.json").read_text())
-    assert side["class_names"] == list(names) and side["mean"] == list(D.DATASETS["cifar10"].mean)
+    assert side["class_names"] == list(names) and side["mean"] == list(DATASETS["cifar10"].mean)
 
 
 def test_export_legacy_onnx_torchscript_and_torch_export(run, cifar, tmp_path, capsys):
@@ -207,7 +209,7 @@ def test_svhn_reads_the_official_mat_files(tmp_path, monkeypatch):
     x, y, sums = _write_svhn(tmp_path)
     with pytest.raises(D.DataError, match="train_32x32.mat has md5"):
         D.load("svhn", str(tmp_path), download=False)  # the official checksums refuse the fake files
-    monkeypatch.setitem(D.CHECKSUMS, "svhn", sums)
+    use_checksums(monkeypatch, "svhn", sums)
     xs, ys = D.load("svhn", str(tmp_path), download=False, train=True)
     assert xs.shape == (96, 3, 32, 32) and xs.dtype == torch.uint8
     assert torch.equal(xs, torch.from_numpy(x[:96])) and torch.equal(ys, torch.from_numpy(y[:96]))
@@ -219,7 +221,7 @@ def test_svhn_reads_the_official_mat_files(tmp_path, monkeypatch):
 
 def test_svhn_end_to_end(tmp_path, monkeypatch, capsys):
     _, _, sums = _write_svhn(tmp_path / "data")
-    monkeypatch.setitem(D.CHECKSUMS, "svhn", sums)
+    use_checksums(monkeypatch, "svhn", sums)
     cfg = make_config("svhn", {"model.embed_dim": 32, "model.depth": 1, "model.num_heads": 2, "train.epochs": 2,
                                "optim.warmup_epochs": 1, "train.batch_size": 32, "train.max_steps": 2,
                                "train.progress": False, "data.data_dir": str(tmp_path / "data"),
@@ -229,7 +231,7 @@ def test_svhn_end_to_end(tmp_path, monkeypatch, capsys):
     assert r["step"] == 2
     report = evaluate_run(tmp_path / "run", device="cpu")
     assert report["dataset"] == "svhn" and report["n"] == 40
-    assert smallvit.load(tmp_path / "run").preprocess.mean.tolist() == pytest.approx(D.DATASETS["svhn"].mean)
+    assert smallvit.load(tmp_path / "run").preprocess.mean.tolist() == pytest.approx(DATASETS["svhn"].mean)
 
 
 def _write_folder(root, classes=("dog", "cat", "bird"), n_train=4, n_val=2):
@@ -287,7 +289,7 @@ def test_dataset_presets_and_names():
     assert (svhn.data.dataset, svhn.aug.autoaugment, svhn.aug.flip) == ("svhn", "svhn", False)
     with pytest.raises(ConfigError, match="data.dataset"):
         make_config("smoke", {"data.dataset": "imagenet"})
-    names = D.CLASS_NAMES["cifar100"]
+    names = DATASETS["cifar100"].class_names
     assert len(names) == len(set(names)) == 100 and list(names) == sorted(names)
     assert D.dataset_meta("cifar100").class_names[:3] == ("apple", "aquarium_fish", "baby")
 

@@ -9,7 +9,8 @@ from conftest import smoke_config
 from smallvit import data as D
 from smallvit import train
 from smallvit.cli import main
-from smallvit.config import ConfigError, make_config
+from smallvit.config import ConfigError
+from smallvit.experiments import make_config
 from smallvit.runs import read_metrics
 
 
@@ -78,7 +79,7 @@ def test_bad_split_sizes_are_refused(fake_cifar, tmp_path):
 
 
 def test_study_with_a_split_reports_validation_and_test(fake_cifar, tmp_path, monkeypatch, capsys):
-    from smallvit.ablate import STUDIES
+    from smallvit.experiments import STUDIES
 
     monkeypatch.setitem(STUDIES, "tiny", ["baseline", "-mixup"])
     root = tmp_path / "studies"

@@ -1,7 +1,7 @@
 import torch
 
+from smallvit.experiments import make_config
 from smallvit.backbones import build_model
-from smallvit.config import make_config
 from smallvit.whiten import whiten_patch_embed
 
 

@@ -13,29 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
-from .config import ABLATIONS, SPEEDRUN_ABLATIONS, Config, ConfigError, apply_overrides, make_config
+from .config import Config, ConfigError, apply_overrides
+from .experiments import STUDIES, make_config
 from .launchers import Study, for_study
 from .lifecycle import run_state
 from .runs import atomic_write_json, config_changes, describe_changes, read_json
 from .slurm import SLURM_DIR, format_status, read_jobs, run_status, squeue_states
-
-STUDIES: dict[str, list[str]] = {
-    "augmentation": ["baseline", "-aa", "-mixup", "-cutmix"],
-    "patch": ["baseline", "sin", "whiten"],
-    "mla": ["baseline", "mla-q", "mla-k", "mla-qk", "mla-kv", "mla-qkv"],
-    "cls": ["baseline", "cls2", "cls4", "cls8", "cls1-ca2", "cls2-ca2", "cls4-ca2", "cls8-ca2"],
-    "optim": ["baseline", "ra-in-batch", "bs1024", "lion-bs1024", "lion", "muon"],
-    # Every column of the reference README table (SPEC section 4).
-    "paper": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "whiten", "mla-qkv", "mla-kv", "mla-qk", "mla-q",
-              "mla-k", "ra-in-batch", "bs1024", "lion-bs1024"],
-    "all": [a for a in ABLATIONS if a not in SPEEDRUN_ABLATIONS],  # the paper's design space
-    # The CPU mini-study of the README: one or two ablations from each group of the paper's table.
-    "mini": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "mla-qkv"],
-    # The reference's three backbones side by side (SPEC 11): the ViT, timm's Swin and timm's CaiT.
-    "archs": ["baseline", "swin", "cait"],
-    # The speed run's ingredients, one at a time taken out of --preset speedrun (benchmarks/cpu_speedrun.py).
-    "speedrun": ["baseline", *SPEEDRUN_ABLATIONS],
-}
 
 
 def scaled(cfg: Config, budget: float) -> Config:

@@ -9,17 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (
-    ABLATIONS,
-    PAPER_RESULTS,
-    PRESETS,
-    ConfigError,
-    diff,
-    make_config,
-    parse_overrides,
-    refuse_unread,
-    to_dict,
-)
+from .config import ConfigError, diff, parse_overrides, refuse_unread, to_dict
+from .experiments import ABLATIONS, PAPER_RESULTS, PRESETS, make_config
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -265,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_ablations)
 
     p = sub.add_parser("ablate", help="run a named study: ablations x seeds, restartable")
-    p.add_argument("study", help="study name (see smallvit.ablate.STUDIES)")
+    p.add_argument("study", help="study name (see smallvit.experiments.STUDIES)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--preset", default="baseline", choices=sorted(PRESETS), help="scale of every run")
     p.add_argument("--budget", type=float, default=1.0, help="multiply the epochs (and warm-up) by this")

@@ -1,7 +1,7 @@
-"""Typed configuration: the paper's baseline as defaults, named presets, dotted overrides.
+"""Typed configuration machinery: the paper's baseline as defaults, dotted overrides, and the checks of every value.
 
 Every default below is the reference system's baseline (SPEC section 14) unless a comment says otherwise.
-A preset or an ablation is a small dict of dotted keys applied on top of `Config()`.
+The experiments (presets, ablations, studies) are dicts of dotted keys applied on top of `Config()`: experiments.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Literal
+
+from .datasets import DATASETS
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # A name in the dataset registry (datasets.DATASETS, so a choice key whose choices are the registry's names);
     # folder: an ImageFolder tree at data_dir
-    dataset: Literal["cifar10", "cifar100", "svhn", "tinyimagenet", "cinic10", "folder"] = "cifar10"
+    dataset: str = "cifar10"
     data_dir: str = ""  # empty: $SMALLVIT_DATA, else ./data
     download: bool = True  # try the official source when files are missing
     subset: int = 0  # >0: use only the first N training images (tests, quick demos)
@@ -238,193 +241,6 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)  # used by `smallvit pretrain` only
 
 
-# The reference's other backbones at its shapes for 32-px input (SPEC 11): the rest of the recipe is the baseline's.
-# Above 32 px the reference uses patch 4 (swin) and 8 (cait): add model.patch_size.
-SWIN = {"model.arch": "swin", "model.embed_dim": 96, "model.patch_size": 2}
-CAIT = {"model.arch": "cait", "model.depth": 24, "model.num_heads": 4, "model.class_attn_depth": 2}
-
-# The speed run (README "Speed run", benchmarks/cpu_speedrun.py): a plain ViT (patch embedding, no conv stem) to the
-# best test accuracy in 10 minutes of wall time on 2 CPU cores. Each ingredient is a set of general config keys,
-# named so that a GPU attempt can reuse them; "-<name>" in ABLATIONS takes one back out of the speedrun preset.
-SPEEDRUN_INGREDIENTS: dict[str, dict[str, object]] = {
-    # the patch embedding's first filters set to whitening filters of the data's 4x4 patches (SPEC 6.9)
-    "whiten": {"model.patch_init": "whiten"},
-    "gap": {"model.num_cls_tokens": 0},  # global average pooling instead of a CLS token (big_vision)
-    "muon": {"optim.name": "muon"},  # Muon on the hidden matrices, AdamW on the rest
-    "linear-decay": {"optim.schedule": "linear"},  # a straight line to zero instead of the cosine
-    "flip-tta": {"train.eval_flip": True},  # the mean of each image's and its mirror's logits
-}
-# What undoes each ingredient (the baseline's value of its keys).
-SPEEDRUN_ABLATIONS = {f"-{name}": {k: getattr(getattr(Config(), k.split(".")[0]), k.split(".")[1]) for k in keys}
-                      for name, keys in SPEEDRUN_INGREDIENTS.items()}
-SPEEDRUN_SHAPE = {"model.embed_dim": 96, "model.depth": 4, "model.num_heads": 4, "model.drop_path": 0.0}
-SPEEDRUN_AUG = {"aug.autoaugment": "none", "aug.erase_p": 0.0, "aug.mixup": False, "aug.cutmix": False,
-                "aug.repeats": 1}
-
-# Named presets: each is a diff against the baseline.
-PRESETS: dict[str, dict[str, object]] = {
-    "baseline": {},
-    # A CPU demo that trains for about 10 minutes on 2 cores: a narrow, shallow ViT on a short schedule.
-    "quick": {
-        "model.embed_dim": 96,
-        "model.depth": 4,
-        "model.num_heads": 4,
-        "model.drop_path": 0.0,
-        "aug.autoaugment": "none",
-        "aug.erase_p": 0.0,
-        "aug.mixup": False,
-        "aug.cutmix": False,
-        "aug.repeats": 1,
-        "optim.lr": 2e-3,
-        "optim.warmup_epochs": 1,
-        "train.epochs": 8,
-        "train.batch_size": 128,
-        "train.eval_every_epochs": 2,
-    },
-    # The main job (./run.sh): the speed run on 2 CPU cores, the test set scored once at the end.
-    "speedrun": {
-        **SPEEDRUN_SHAPE, **SPEEDRUN_AUG, **{k: v for i in SPEEDRUN_INGREDIENTS.values() for k, v in i.items()},
-        "optim.lr": 2e-3,
-        "optim.warmup_epochs": 1,
-        "train.epochs": 8,  # ~7.5 min here, so that a machine 25% slower still finishes within 10
-        "train.batch_size": 128,
-        "train.eval_every_epochs": 0,
-    },
-    # A starting point for a GPU speed run (docs/speedrun.md), NOT yet run on a GPU: the paper's 3.6M-parameter ViT
-    # with the same ingredients, a batch that fills a GPU, bf16 (train.precision=auto) and compiled.
-    "speedrun-gpu": {
-        **SPEEDRUN_AUG, **{k: v for i in SPEEDRUN_INGREDIENTS.values() for k, v in i.items()},
-        "model.drop_path": 0.0,
-        "optim.lr": 2e-3,
-        "optim.warmup_epochs": 1,
-        "train.epochs": 20,
-        "train.batch_size": 512,
-        "train.compile": True,
-        "train.eval_every_epochs": 0,
-    },
-    # The CPU mini-study: the quick model with the paper's full augmentation recipe (about 5 minutes a run).
-    "mini": {
-        "model.embed_dim": 96,
-        "model.depth": 4,
-        "model.num_heads": 4,
-        "model.drop_path": 0.05,
-        "aug.repeats": 1,
-        "optim.lr": 2e-3,
-        "optim.warmup_epochs": 1,
-        "train.epochs": 3,
-        "train.batch_size": 128,
-        "train.eval_every_epochs": 1,
-        "train.progress": False,
-    },
-    # Tiny and fast: used by the tests.
-    "smoke": {
-        "model.embed_dim": 32,
-        "model.depth": 2,
-        "model.num_heads": 2,
-        "data.subset": 512,
-        "data.test_subset": 256,
-        "aug.repeats": 1,
-        "optim.warmup_epochs": 1,
-        "train.epochs": 2,
-        "train.batch_size": 64,
-        "train.eval_every_epochs": 1,
-        "train.progress": False,
-        "train.log_every_steps": 4,
-    },
-    # Other datasets at the baseline's scale (SPEC 5.1-5.3): SVHN digits are not mirror-symmetric, so no flip.
-    "cifar100": {"data.dataset": "cifar100", "model.num_classes": 100},
-    "svhn": {"data.dataset": "svhn", "model.num_classes": 10, "aug.autoaugment": "svhn", "aug.flip": False},
-    # The backbones of SPEC 11 at the paper's recipe.
-    "swin": SWIN,
-    "cait": CAIT,
-    # SPEC 5.1 and the AutoAugment decision of SPEC 12.19 (docs/backbones-and-datasets.md): Tiny-ImageNet is a
-    # subset of ImageNet, so it keeps the reference's ImageNet policy; CINIC-10 is CIFAR-10's classes at 32 px
-    # (CIFAR-10's images plus ImageNet ones downsampled), so it takes the CIFAR-10 policy, not the reference's ImageNet.
-    "tinyimagenet": {"data.dataset": "tinyimagenet", "model.num_classes": 200, "model.img_size": 64,
-                     "aug.autoaugment": "imagenet"},
-    "cinic10": {"data.dataset": "cinic10", "model.num_classes": 10, "aug.autoaugment": "cifar10"},
-    # DINO pre-training on the training images (smallvit pretrain): the parent project's CIFAR recipe
-    # (vits-for-small-scale-datasets at 43a7493; README: ViT 192/9/12, patch 4, batch 256 per GPU on 2 GPUs;
-    # train_ssl.py: 200 epochs, 30 warm-up epochs, weight decay 0.04 -> 0.4). The ssl.* defaults carry the rest.
-    # docs/pretrain.md tables each key against the parent and the original DINO. Fine-tune with the finetune
-    # preset and train.init_from=RUN.
-    "pretrain": {
-        "model.depth": 9,
-        "model.pos_interp": "dino",  # local views: DINO's interpolate_pos_encoding (models/vit.py 178-198)
-        "aug.repeats": 1,
-        # train_ssl.py line 320: lr x batch / 256 (help text lines 116-118), 1e-4 x 512 / 256 = 2e-4 at the peak
-        "optim.lr": 1e-4,
-        "optim.lr_scale": "per256",
-        "optim.min_lr": 1e-6,
-        "optim.weight_decay": 0.04,
-        "optim.decay_all": False,
-        "optim.no_decay": "1d",  # utils/utils_ssl.py line 623: only biases and 1-D tensors are not regularised
-        "optim.warmup_epochs": 30,
-        "optim.warmup_from": "zero",  # utils/utils_ssl.py 223-227: np.linspace(start_warmup_value=0, lr, ...)
-        "ssl.clip_qkv": "fused",  # models/vit.py line 76 (one qkv Linear), clipped per tensor (utils_ssl.py 63-71)
-        "ssl.teacher_mode": "train",  # train_ssl.py 211-222: drop_path_rate 0.1 (line 125), never put in eval mode
-        "train.epochs": 200,
-        "train.batch_size": 512,
-        "train.eval_every_epochs": 10,
-    },
-    # The parent project's fine-tuning (finetune.py defaults: 100 epochs, 10 warm-up, batch 256, lr 1e-3, the same
-    # augmentation as the baseline) on the pre-trained 9-block backbone.
-    "finetune": {"model.depth": 9},
-}
-
-
-# Named ablations: each differs from the baseline in a few keys. The paper's README columns (SPEC section 4)
-# carry `paper_acc` in PAPER_RESULTS below; the rest are the design space the paper describes without a column.
-ABLATIONS: dict[str, dict[str, object]] = {
-    "baseline": {},
-    # Augmentation (README group "Augmentation")
-    "-aa": {"aug.autoaugment": "none"},
-    "-mixup": {"aug.mixup": False},
-    "-cutmix": {"aug.cutmix": False},
-    "-erasing": {"aug.erase_p": 0.0},
-    "-smoothing": {"train.label_smoothing": 0.0},
-    "randaugment": {"aug.autoaugment": "rand"},
-    "ra-in-batch": {"aug.repeat_mode": "in_batch"},
-    # Patch-token initialisation (README group "Patch")
-    "sin": {"model.pos_embed": "sincos"},
-    "whiten": {"model.patch_init": "whiten"},
-    "whiten-all": {"model.patch_init": "whiten", "model.whiten_filters": "all"},
-    # Low-rank q/k/v (README group "MLA")
-    "mla-q": {"model.latent": "q"},
-    "mla-k": {"model.latent": "k"},
-    "mla-qk": {"model.latent": "qk"},
-    "mla-kv": {"model.latent": "kv"},
-    "mla-qkv": {"model.latent": "qkv"},
-    "mla-kv-shared": {"model.latent": "kv", "model.latent_kv_shared": True},
-    # Several CLS tokens, with and without class-attention blocks (SPEC 6.7)
-    **{f"cls{k}": {"model.num_cls_tokens": k} for k in (2, 4, 8)},
-    **{f"cls{k}-ca2": {"model.num_cls_tokens": k, "model.class_attn_depth": 2} for k in (1, 2, 4, 8)},
-    "cls4-ca2-cait": {"model.num_cls_tokens": 4, "model.class_attn_depth": 2, "model.class_attn": "cait"},
-    "cls4-mean": {"model.num_cls_tokens": 4, "model.cls_pool": "mean"},
-    # Batch size and optimisers (README group "DDP"). The reference ran these under torchrun, which also switched
-    # "repeated augmentation" to in-batch repeats (SPEC 5.5, bug 10), so these columns carry that key too;
-    # "ra-in-batch" above is its "bs256" column.
-    "bs1024": {"train.batch_size": 1024, "aug.repeat_mode": "in_batch"},
-    "lion-bs1024": {"train.batch_size": 1024, "aug.repeat_mode": "in_batch", "optim.name": "lion"},
-    "lion": {"optim.name": "lion", "optim.lr": 3e-4, "optim.weight_decay": 0.5},
-    "muon": {"optim.name": "muon"},
-    "adamw-nowd-1d": {"optim.decay_all": False},
-    "depth9": {"model.depth": 9},
-    # Other backbones (SPEC 11), built from timm's classes
-    "swin": SWIN,
-    "cait": CAIT,
-    # The speed run's ingredients, each taken back out of the speedrun preset (study "speedrun")
-    **SPEEDRUN_ABLATIONS,
-}
-
-# The reference README's Val/Acc (%) for the columns that have one (SPEC section 4).
-PAPER_RESULTS: dict[str, float] = {
-    "baseline": 93.65, "-aa": 92.14, "-mixup": 93.68, "-cutmix": 92.77, "sin": 93.43, "whiten": 93.28,
-    "mla-qkv": 91.8, "mla-kv": 92.43, "mla-qk": 92.42, "mla-q": 93.32, "mla-k": 92.5,
-    "ra-in-batch": 93.44, "bs1024": 92.09, "lion-bs1024": 92.38,
-}
-
-
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message says which and what is allowed."""
 
@@ -444,16 +260,26 @@ def _leaf_keys(cls, prefix="") -> dict[str, type]:
 VALID_KEYS = _leaf_keys(Config)
 
 
+# Choice keys whose choices are a registry's names, read when a value is checked: a record registered at run time
+# (a test's dataset) is a valid choice at once, and no list of names is written twice.
+REGISTRIES: dict[str, dict] = {"data.dataset": DATASETS}
+
+
 def choices(t) -> tuple[str, ...]:
     """The allowed values of a Literal-typed key (e.g. VALID_KEYS["optim.name"]); () for any other type."""
     return typing.get_args(t) if typing.get_origin(t) is Literal else ()
 
 
+def key_choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a choice key (its Literal's, or its registry's names); () for any other key."""
+    return tuple(REGISTRIES[key]) if key in REGISTRIES else choices(VALID_KEYS[key])
+
+
 def _coerce(key: str, value, t):
     """Convert `value` (a string from the CLI or a Python value) to type `t`, or raise ConfigError."""
     origin = typing.get_origin(t)
-    if origin is Literal:  # one rule for every choice key, so a new choice needs no hand-written check
-        allowed = choices(t)
+    if origin is Literal or key in REGISTRIES:  # one rule for every choice key: a new choice needs no check of its own
+        allowed = key_choices(key)
         if isinstance(value, str) and value.strip() in allowed:
             return value.strip()
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -523,8 +349,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
         if key not in VALID_KEYS:
             close = [k for k in VALID_KEYS if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            listed = (f"{k} ({' | '.join(choices(VALID_KEYS[k]))})" if choices(VALID_KEYS[k]) else k
-                      for k in sorted(VALID_KEYS))
+            listed = (f"{k} ({' | '.join(key_choices(k))})" if key_choices(k) else k for k in sorted(VALID_KEYS))
             raise ConfigError(f"unknown config key {key!r}.{hint} Valid keys:\n  " + "\n  ".join(listed))
         section, name = key.split(".")
         sub = getattr(cfg, section)
@@ -554,15 +379,7 @@ def _within(key: str, value, lo, hi, bounds: str = "[]", why: str = "") -> None:
     _check(ok, f"{key} must be in {bounds[0]}{lo:g}, {hi_text}{bounds[1]}{why}, got {value}")
 
 
-DATASET_NAMES = choices(VALID_KEYS["data.dataset"])
-ARCHS = choices(VALID_KEYS["model.arch"])
 COMPILE_MODES = choices(VALID_KEYS["train.compile_mode"])
-# What each named dataset gives as data.py reads it (tests/test_config.py holds this against data.DATASETS):
-# (image size, or 0 where image files are decoded at model.img_size; classes; training images). The pickles and
-# .mat files hold 32x32 arrays that nothing resizes. A folder dataset is only known once it is read.
-DATASET_FACTS: dict[str, tuple[int, int, int]] = {
-    "cifar10": (32, 10, 50_000), "cifar100": (32, 100, 50_000), "svhn": (32, 10, 73_257),
-    "tinyimagenet": (0, 200, 100_000), "cinic10": (0, 10, 90_000)}
 # Seeds go into torch generators as (seed * 1_000_003 + key) * 2 + 1 (augment.py, data.py), which must stay below
 # 2**64; 2**32 leaves room for any step count and is what numpy's legacy seeding accepts.
 SEED_LIMIT = 2**32
@@ -653,12 +470,14 @@ def _validate_data(cfg: Config) -> None:
     _check(not d.subset or d.val_images < d.subset,
            f"data.val_images={d.val_images} must be smaller than data.subset={d.subset}")
     _within("data.val_seed", d.val_seed, 0, SEED_LIMIT, "[)")
-    if d.dataset not in DATASET_FACTS:  # a folder: its size and classes are checked when it is read
-        return
-    size, classes, images = DATASET_FACTS[d.dataset]
-    _check(not size or m.img_size == size,
+    info = DATASETS[d.dataset]  # the record the reader reads (datasets.py)
+    resized = [name for name, r in DATASETS.items() if r.resized]
+    size, classes, images = info.image_size, info.num_classes, info.train_images
+    _check(info.resized or m.img_size == size,
            f"model.img_size={m.img_size} but {d.dataset}'s images are {size}x{size} and are not resized; use "
-           f"model.img_size={size} (tinyimagenet, cinic10 and folder datasets are resized to any size)")
+           f"model.img_size={size} ({', '.join(resized[:-1])} and {resized[-1]} datasets are resized to any size)")
+    if not classes:  # an image folder: its classes and images are counted when it is read
+        return
     _check(m.num_classes in (0, classes),
            f"model.num_classes={m.num_classes} but data.dataset={d.dataset} has {classes} classes")
     n = min(d.subset or images, images)
@@ -787,18 +606,6 @@ def _validate_arch(m: ModelConfig) -> None:
     if m.arch == "cait":
         _check(m.class_attn_depth >= 1, "model.arch=cait needs model.class_attn_depth >= 1 (its CLS token is "
                                         "updated only there)")
-
-
-def make_config(preset: str = "baseline", overrides: dict[str, object] | None = None,
-                ablation: str = "baseline") -> Config:
-    """Build a config: the preset (scale), then the named ablation (what is studied), then dotted overrides."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
-    if ablation not in ABLATIONS:
-        raise ConfigError(f"unknown ablation {ablation!r}; choose from: {', '.join(ABLATIONS)}")
-    # validated once, as a whole: a rule between keys may need an override to settle what the preset and the
-    # ablation leave (smoke's 32 channels and mla-q's latent_dim 64 need model.latent_dim=16)
-    return apply_overrides(Config(), {**PRESETS[preset], **ABLATIONS[ablation], **(overrides or {})})
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,5 +1,6 @@
-"""Datasets held as uint8 tensors: CIFAR-10/100 and SVHN (official files, checksum-verified), Tiny-ImageNet and
-CINIC-10 (official archives, md5-checked, decoded once and cached: imagesets.py) and image folders.
+"""Datasets held as uint8 tensors, read as their registry record (datasets.py) says: CIFAR-10/100 and SVHN (official
+files, checksum-verified, here), Tiny-ImageNet and CINIC-10 (official archives, md5-checked, decoded once and cached:
+imagesets.py) and image folders (here).
 
 The CIFAR files are pickles: each one's md5 is checked *before* it is unpickled, and a mismatch refuses to load.
 SVHN is the official `train_32x32.mat` / `test_32x32.mat` pair (labels 1..10, where 10 is the digit 0).
@@ -11,106 +12,25 @@ no per-image Python loop and no DataLoader workers (the reference's PIL pipeline
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import pickle
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from . import imagesets
 from .config import ConfigError
+from .datasets import FOLDER  # noqa: F401  (the modules that load data read it as data.FOLDER)
+from .datasets import DataError, Dataset, dataset, image_to_uint8, md5sum
 
-
-class DataError(RuntimeError):
-    """The dataset is missing or damaged; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    folder: str
-    url: str
-    archive_md5: str
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
-    label_key: str
-    num_classes: int
-    mean: tuple[float, float, float]  # SPEC 5.1
-    std: tuple[float, float, float]
-    # pickle: CIFAR python batches in an archive | mat: SVHN .mat files, fetched one by one | images: an archive of
-    # image files (imagesets.py; train_files / test_files name the split folders)
-    layout: str = "pickle"
-
-
-DATASETS = {
-    "cifar10": DatasetInfo(
-        "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "c58f30108f718f92721af3b95e74349a",
-        tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels", 10,
-        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo(
-        "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85",
-        ("train",), ("test",), b"fine_labels", 100,
-        (0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "svhn": DatasetInfo(
-        "svhn", "http://ufldl.stanford.edu/housenumbers/", "",
-        ("train_32x32.mat",), ("test_32x32.mat",), b"y", 10,
-        (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), layout="mat"),  # the 'extra' split is not used
-    # Archive md5s as torchvision-style loaders check them; mean/std from SPEC 5.1 (CINIC-10: its README).
-    "tinyimagenet": DatasetInfo(
-        "tiny-imagenet-200", "http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de",
-        ("train",), ("val",), b"", 200, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), layout="images"),
-    "cinic10": DatasetInfo(
-        "cinic-10", "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz",
-        "6ee4d0c996905fe93221de577967a372", ("train",), ("test",), b"", 10,
-        (0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835), layout="images"),
-}
-FOLDER = "folder"  # data.dataset=folder: an ImageFolder tree at data.data_dir (see load_folder)
-
-# The official md5 of every pickle (the same values torchvision checks).
-CHECKSUMS: dict[str, dict[str, str]] = {
-    "cifar10": {
-        "data_batch_1": "c99cafc152244af753f735de768cd75f",
-        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-        "data_batch_4": "634d18415352ddfa80567beed471001a",
-        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-        "test_batch": "40351d587109b95175f43aff81a1287e",
-    },
-    "cifar100": {
-        "train": "16019d7e3df5f24257cddd939b257f8d",
-        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-    },
-    "svhn": {
-        "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
-        "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
-    },
-}
-
-CLASS_NAMES = {
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    # The fine labels in label order (alphabetical), as in the archive's `meta` file.
-    "cifar100": (
-        "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl",
-        "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair",
-        "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin",
-        "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp",
-        "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
-        "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
-        "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
-        "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel",
-        "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
-        "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm"
-    ),
-    "svhn": tuple(str(i) for i in range(10)),
-    "cinic10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -119,22 +39,14 @@ def resolve_data_dir(data_dir: str = "") -> Path:
     return Path(data_dir or os.environ.get("SMALLVIT_DATA") or "data").expanduser()
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _find_folder(root: Path, info: DatasetInfo) -> Path:
+def _find_folder(root: Path, info: Dataset) -> Path:
     """Accept either the parent of the official folder or the official folder itself (torchvision's SVHN root)."""
     if root.name == info.folder or (root / (info.train_files + info.test_files)[0]).is_file():
         return root
     return root / info.folder
 
 
-def _download_files(folder: Path, info: DatasetInfo, name: str) -> None:
+def _download_files(folder: Path, info: Dataset) -> None:
     """Fetch each missing file of a dataset published as separate files (SVHN), checking its md5 before keeping it."""
     folder.mkdir(parents=True, exist_ok=True)
     for f in info.train_files + info.test_files:
@@ -144,14 +56,14 @@ def _download_files(folder: Path, info: DatasetInfo, name: str) -> None:
         try:
             print(f"downloading {info.url}{f} to {folder} ...", flush=True)
             urllib.request.urlretrieve(info.url + f, tmp)
-            if md5sum(tmp) != CHECKSUMS[name][f]:
+            if md5sum(tmp) != info.md5[f]:
                 raise DataError(f"the downloaded file {info.url}{f} has the wrong md5; try again later")
             os.replace(tmp, folder / f)
         finally:
             tmp.unlink(missing_ok=True)
 
 
-def _download(root: Path, info: DatasetInfo) -> None:
+def _download(root: Path, info: Dataset) -> None:
     """Fetch the official archive, check its md5, unpack it next to the other datasets."""
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz", delete=False) as tmp:
@@ -167,10 +79,10 @@ def _download(root: Path, info: DatasetInfo) -> None:
         tmp_path.unlink(missing_ok=True)
 
 
-def _missing_message(name: str, folder: Path, missing: list[str], why: str = "") -> str:
-    info = DATASETS[name]
-    if info.layout == "mat":
-        links = ", ".join(f"{info.url}{f} (md5 {CHECKSUMS[name][f]})" for f in info.train_files + info.test_files)
+def _missing_message(info: Dataset, folder: Path, missing: list[str], why: str = "") -> str:
+    name = info.name
+    if info.kind == "mat":  # fetched file by file: each file's link
+        links = ", ".join(f"{info.url}{f} (md5 {info.md5[f]})" for f in info.train_files + info.test_files)
         return (f"{name}: missing {', '.join(missing)} in {folder}.{why}\n"
                 f"Download {links} into {folder} and point --data-dir (or $SMALLVIT_DATA) at {folder.parent}.")
     return (
@@ -180,34 +92,29 @@ def _missing_message(name: str, folder: Path, missing: list[str], why: str = "")
     )
 
 
-def verify(name: str, root: Path, download: bool = True) -> Path:
+def _verify_files(info: Dataset, root: Path, download: bool = True) -> Path:
     """Check every file's md5 (downloading when missing and allowed); return the dataset folder."""
-    info = DATASETS[name]
-    if info.layout == "images":  # one archive of image files: its md5, layout and image counts (imagesets.py)
-        from . import imagesets
-
-        return imagesets.locate(name, root, download)
     folder = _find_folder(root, info)
     files = info.train_files + info.test_files
     missing = [f for f in files if not (folder / f).is_file()]
     if missing and download:
         try:
-            if info.layout == "mat":
-                _download_files(folder, info, name)
+            if info.kind == "mat":
+                _download_files(folder, info)
             else:
                 _download(folder.parent, info)
         except DataError:
             raise
         except Exception as e:  # no network, refused, disk full: say so, do not hide it
-            raise DataError(_missing_message(name, folder, missing, f" Download failed: {e}.")) from None
+            raise DataError(_missing_message(info, folder, missing, f" Download failed: {e}.")) from None
         missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise DataError(_missing_message(name, folder, missing))
+        raise DataError(_missing_message(info, folder, missing))
     for f in files:
-        got, want = md5sum(folder / f), CHECKSUMS[name][f]
+        got, want = md5sum(folder / f), info.md5[f]
         if got != want:
             raise DataError(
-                f"{name}: {folder / f} has md5 {got}, expected {want}: the file is corrupt or truncated and "
+                f"{info.name}: {folder / f} has md5 {got}, expected {want}: the file is corrupt or truncated and "
                 f"was not loaded. Delete {folder} and download the dataset again."
             )
     return folder
@@ -231,26 +138,26 @@ def _read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _read_files(info: Dataset, folder: Path, train: bool, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split of a dataset published as array files (pickle, mat), concatenated; stored at its own size."""
+    read = _read_mat if info.kind == "mat" else functools.partial(_read_batch, label_key=info.label_key)
+    parts = [read(folder / f) for f in (info.train_files if train else info.test_files)]
+    x, y = (torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in (0, 1))
+    return x, y
+
+
+def verify(name: str, root: Path, download: bool = True) -> Path:
+    """The dataset's folder under `root`, checked as its reader checks it (fetched when missing and allowed)."""
+    info = dataset(name)
+    return READERS[info.kind].locate(info, Path(root), download)
+
+
 def load(name: str = "cifar10", data_dir: str = "", download: bool = True, train: bool = True,
          device: torch.device | str = "cpu", img_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images uint8 (N, 3, H, W), labels int64 (N,)) on `device`; `img_size` resizes image-file datasets."""
-    if name == FOLDER:
-        x, y, _ = load_folder(resolve_data_dir(data_dir), "train" if train else "val", img_size)
-        return x.to(device), y.to(device)
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, FOLDER])}")
-    info = DATASETS[name]
-    if info.layout == "images":
-        from . import imagesets
-
-        x, y = imagesets.load(name, resolve_data_dir(data_dir), download, train, img_size)
-        return x.to(device), y.to(device)
-    folder = verify(name, resolve_data_dir(data_dir), download)
-    files = info.train_files if train else info.test_files
-    read = _read_mat if info.layout == "mat" else functools.partial(_read_batch, label_key=info.label_key)
-    parts = [read(folder / f) for f in files]
-    x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-    y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    info = dataset(name)
+    reader = READERS[info.kind]
+    x, y = reader.read(info, reader.locate(info, resolve_data_dir(data_dir), download), train, img_size)
     return x.to(device), y.to(device)
 
 
@@ -265,22 +172,17 @@ class DatasetMeta:
 
 
 def dataset_meta(name: str, data_dir: str = "", img_size: int = 32, download: bool = False) -> DatasetMeta:
-    """Classes, names and normalisation of a named dataset, or of the image folder at `data_dir` (name "folder").
-    Tiny-ImageNet's class names come from its files (fetched first with `download`)."""
-    if name == FOLDER:
-        root = resolve_data_dir(data_dir)
-        classes, _ = _folder_files(root, "train")
-        mean, std = folder_stats(root, img_size)
-        return DatasetMeta(len(classes), mean, std, classes)
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, FOLDER])}")
-    info = DATASETS[name]
-    names = CLASS_NAMES.get(name, tuple(str(i) for i in range(info.num_classes)))
-    if name == "tinyimagenet":
-        from . import imagesets
-
-        names = imagesets.class_names(name, imagesets.locate(name, resolve_data_dir(data_dir), download))
-    return DatasetMeta(info.num_classes, info.mean, info.std, names)
+    """Classes, names and normalisation of a named dataset: from its record, and what the record leaves open
+    (Tiny-ImageNet's class names, an image folder's classes and statistics) from its files (fetched first with
+    `download`)."""
+    info = dataset(name)
+    if info.class_names and info.mean is not None:
+        return DatasetMeta(info.num_classes, info.mean, info.std, info.class_names)
+    reader = READERS[info.kind]
+    folder = reader.locate(info, resolve_data_dir(data_dir), download)
+    names = info.class_names or reader.class_names(info, folder)
+    mean, std = (info.mean, info.std) if info.mean is not None else reader.stats(folder, img_size)
+    return DatasetMeta(info.num_classes or len(names), mean, std, names)
 
 
 def meta_of(cfg, saved: dict | None = None) -> DatasetMeta:
@@ -290,16 +192,6 @@ def meta_of(cfg, saved: dict | None = None) -> DatasetMeta:
         return DatasetMeta(int(saved["num_classes"]), tuple(saved["mean"]), tuple(saved["std"]),
                            tuple(saved["class_names"]))
     return dataset_meta(cfg.data.dataset, cfg.data.data_dir, cfg.model.img_size)
-
-
-def image_to_uint8(img, size: int) -> np.ndarray:
-    """A PIL image -> uint8 (3, size, size): converted to RGB, resized (bilinear, antialiased) to size x size."""
-    from PIL import Image
-
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def _folder_files(root: Path, split: str, classes: tuple[str, ...] | None = None
@@ -370,6 +262,40 @@ def folder_stats(root: Path, img_size: int = 32) -> tuple[tuple[float, ...], tup
         return mean, std
     x = load_folder(root, "train", img_size)[0].double().div(255.0).transpose(0, 1).reshape(3, -1)  # (3, N*H*W)
     return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
+
+
+def _folder_root(info: Dataset, root: Path, download: bool = True) -> Path:
+    """An image folder is data.data_dir itself, checked as it is read (there is nothing to fetch)."""
+    return root
+
+
+def _read_folder_split(info: Dataset, root: Path, train: bool, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, _ = load_folder(root, "train" if train else "val", img_size)
+    return x, y
+
+
+class Reader(NamedTuple):
+    """How one kind of dataset (Dataset.kind) is read."""
+
+    # (record, data root, download) -> the dataset's folder, checked (fetched first when missing and allowed)
+    locate: Callable[[Dataset, Path, bool], Path]
+    # (record, folder, train split?, img_size) -> (uint8 (N, 3, H, W), int64 (N,))
+    read: Callable[[Dataset, Path, bool, int], tuple[torch.Tensor, torch.Tensor]]
+    # (record, folder) -> class names in label order, for a record that gives none
+    class_names: Callable[[Dataset, Path], tuple[str, ...]] | None = None
+    # (folder, img_size) -> per-channel (mean, std) in [0, 1] units, for a record that gives none
+    stats: Callable[[Path, int], tuple[tuple[float, ...], tuple[float, ...]]] | None = None
+
+
+# Every kind of dataset: a new file format is a reader module and one line here, a new dataset one DATASETS record.
+READERS: dict[str, Reader] = {
+    "pickle": Reader(_verify_files, _read_files),
+    "mat": Reader(_verify_files, _read_files),
+    "class-folders": Reader(imagesets.locate, imagesets.read, imagesets.class_names),
+    "wnids": Reader(imagesets.locate, imagesets.read, imagesets.class_names),
+    "folder": Reader(_folder_root, _read_folder_split, lambda info, root: _folder_files(root, "train")[0],
+                     folder_stats),
+}
 
 
 def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

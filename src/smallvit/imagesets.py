@@ -3,6 +3,8 @@
 Layouts, as the official archives unpack (SPEC 5.1; the reference needed them rearranged, SPEC 5.2, not here):
   tiny-imagenet-200/  wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG + val/val_annotations.txt
   cinic-10/           train/<class>/*.png, valid/<class>/*.png, test/<class>/*.png
+Each archive's facts (url, md5, split folders, image counts, the paths that mark an unpacked folder) are its record
+in datasets.py; the two layouts are LAYOUTS below, chosen by the record's kind.
 Trust: an archive's md5 is checked before it is unpacked and a mismatch is refused; an unpacked folder must hold
 the official layout and image counts (a cut-short unpack is refused). The labelled Tiny-ImageNet `val` split is the
 test set (its `test` images carry no labels); CINIC-10 trains on `train` and tests on `test`.
@@ -27,53 +29,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as D
+from .datasets import DataError, Dataset, image_to_uint8, md5sum
 
-ARCHIVES = {"tinyimagenet": "tiny-imagenet-200.zip", "cinic10": "CINIC-10.tar.gz"}
-# Images per split in the official archives; an unpacked folder with other counts is refused (tests patch these).
-EXPECTED_COUNTS: dict[str, dict[str, int]] = {
-    "tinyimagenet": {"train": 100_000, "val": 10_000},
-    "cinic10": {"train": 90_000, "valid": 90_000, "test": 90_000},
-}
-LAYOUT = {
-    "tinyimagenet": "{f}/wnids.txt, {f}/words.txt, {f}/train/<wnid>/images/*.JPEG, {f}/val/images/*.JPEG and "
-                    "{f}/val/val_annotations.txt",
-    "cinic10": "{f}/train/<class>/*.png, {f}/valid/<class>/*.png and {f}/test/<class>/*.png",
-}
 CACHE = ".smallvit-cache"
 
 
-def _markers(name: str, folder: Path) -> list[Path]:
-    if name == "tinyimagenet":
-        return [folder / "wnids.txt", folder / "words.txt", folder / "train", folder / "val" / "val_annotations.txt"]
-    return [folder / s for s in EXPECTED_COUNTS[name]]
+def _layout_ok(info: Dataset, folder: Path) -> bool:
+    return all((folder / m).exists() for m in info.markers)
 
 
-def _layout_ok(name: str, folder: Path) -> bool:
-    return all(p.exists() for p in _markers(name, folder))
-
-
-def _missing(name: str, folder: Path, why: str = "") -> D.DataError:
-    info = D.DATASETS[name]
-    return D.DataError(
-        f"{name}: {folder} does not hold the dataset.{why}\nDownload {info.url} (md5 {info.archive_md5}) into "
+def _missing(info: Dataset, folder: Path, why: str = "") -> DataError:
+    return DataError(
+        f"{info.name}: {folder} does not hold the dataset.{why}\nDownload {info.url} (md5 {info.archive_md5}) into "
         f"{folder.parent} (it is unpacked there on the next run), or unpack it yourself so that there are "
-        f"{LAYOUT[name].format(f=folder)}; then point --data-dir (or $SMALLVIT_DATA) at {folder.parent}.")
+        f"{info.layout.format(f=folder)}; then point --data-dir (or $SMALLVIT_DATA) at {folder.parent}.")
 
 
-def locate(name: str, root: Path, download: bool = True) -> Path:
+def locate(info: Dataset, root: Path, download: bool = True) -> Path:
     """The unpacked dataset folder under `root` (or `root` itself): unpacked from the archive (md5-checked) when
     only the archive is there, downloaded first when allowed."""
-    info = D.DATASETS[name]
     root = Path(root)
-    folder = root if _layout_ok(name, root) else root / info.folder
-    if _layout_ok(name, folder):
+    folder = root if _layout_ok(info, root) else root / info.folder
+    if _layout_ok(info, folder):
         return folder
-    archive = folder.parent / ARCHIVES[name]
+    archive = folder.parent / info.archive
     with _exclusive(folder.parent / f".{folder.name}.lock"):  # one process unpacks; the others wait, then use it
-        if _layout_ok(name, folder):
+        if _layout_ok(info, folder):
             return folder
-        _fetch_and_unpack(name, info, archive, folder, download)
+        _fetch_and_unpack(info, archive, folder, download)
     return folder
 
 
@@ -90,19 +73,19 @@ def _exclusive(lock: Path):
         os.close(fd)
 
 
-def _fetch_and_unpack(name: str, info, archive: Path, folder: Path, download: bool) -> None:
+def _fetch_and_unpack(info: Dataset, archive: Path, folder: Path, download: bool) -> None:
     if not archive.is_file() and download:
         try:
             _download(info.url, archive)
         except Exception as e:  # no network, refused, disk full: say so, with what to do by hand
-            raise _missing(name, folder, f" Download failed: {e}.") from None
+            raise _missing(info, folder, f" Download failed: {e}.") from None
     if not archive.is_file():
-        raise _missing(name, folder)
-    got = D.md5sum(archive)
+        raise _missing(info, folder)
+    got = md5sum(archive)
     if got != info.archive_md5:
-        raise D.DataError(f"{name}: {archive} has md5 {got}, expected {info.archive_md5}: the archive is corrupt or "
-                          f"truncated and was not unpacked. Delete it and download it again from {info.url}.")
-    _unpack(name, archive, folder)
+        raise DataError(f"{info.name}: {archive} has md5 {got}, expected {info.archive_md5}: the archive is corrupt "
+                        f"or truncated and was not unpacked. Delete it and download it again from {info.url}.")
+    _unpack(info, archive, folder)
 
 
 def _download(url: str, dest: Path) -> None:
@@ -118,7 +101,7 @@ def _download(url: str, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _unpack(name: str, archive: Path, folder: Path) -> None:
+def _unpack(info: Dataset, archive: Path, folder: Path) -> None:
     """Unpack into a temporary folder, then rename it into place: a cut-short unpack leaves no half dataset."""
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.unpacking."))  # never another's
     print(f"unpacking {archive} to {folder} ...", flush=True)
@@ -129,14 +112,14 @@ def _unpack(name: str, archive: Path, folder: Path) -> None:
         else:
             with tarfile.open(archive) as t:
                 t.extractall(tmp, filter="data")
-        inner = [p for p in tmp.iterdir() if p.is_dir() and _layout_ok(name, p)]
-        src = tmp if _layout_ok(name, tmp) else (inner[0] if len(inner) == 1 else None)
+        inner = [p for p in tmp.iterdir() if p.is_dir() and _layout_ok(info, p)]
+        src = tmp if _layout_ok(info, tmp) else (inner[0] if len(inner) == 1 else None)
         if src is None:
-            raise D.DataError(f"{name}: {archive} does not unpack to the official layout "
-                              f"({LAYOUT[name].format(f=folder.name)})")
+            raise DataError(f"{info.name}: {archive} does not unpack to the official layout "
+                            f"({info.layout.format(f=folder.name)})")
         os.replace(src, folder)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
-        raise D.DataError(f"{name}: cannot unpack {archive} ({e}); delete it and download it again") from None
+        raise DataError(f"{info.name}: cannot unpack {archive} ({e}); delete it and download it again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -145,10 +128,8 @@ def _wnids(folder: Path) -> list[str]:
     return sorted(w.strip() for w in (folder / "wnids.txt").read_text().split() if w.strip())
 
 
-def class_names(name: str, folder: Path) -> tuple[str, ...]:
-    """Tiny-ImageNet: the first name words.txt gives each wnid, in label order (sorted wnids); CINIC-10: CIFAR-10's."""
-    if name == "cinic10":
-        return D.CLASS_NAMES["cifar10"]
+def _wnid_names(info: Dataset, folder: Path) -> tuple[str, ...]:
+    """Tiny-ImageNet: the first name words.txt gives each wnid, in label order (sorted wnids)."""
     words = {}
     for line in (folder / "words.txt").read_text().splitlines():
         wnid, _, text = line.partition("\t")
@@ -156,43 +137,62 @@ def class_names(name: str, folder: Path) -> tuple[str, ...]:
     return tuple(words.get(w) or w for w in _wnids(folder))
 
 
-def split_files(name: str, folder: Path, split: str) -> list[tuple[Path, int]]:
-    """(image file, label) pairs of one split, in a fixed order; the split's image count is checked."""
-    if name == "tinyimagenet":
-        wnids = _wnids(folder)
-        label = {w: i for i, w in enumerate(wnids)}
-        if split == "train":
-            files = [(p, i) for i, w in enumerate(wnids)
-                     for p in sorted((folder / "train" / w / "images").glob("*.JPEG"))]
-        else:
-            files = []
-            for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
-                parts = line.split("\t")
-                if len(parts) < 2 or parts[1] not in label:
-                    raise D.DataError(f"tinyimagenet: {folder / 'val' / 'val_annotations.txt'} has a line "
-                                      f"{line!r} whose class is not in wnids.txt")
-                files.append((folder / "val" / "images" / parts[0], label[parts[1]]))
-    else:
-        classes = class_names(name, folder)
-        files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / split / c).glob("*.png"))]
-    want = EXPECTED_COUNTS[name][split]
-    if len(files) != want:
-        raise D.DataError(f"{name}: {folder}/{split} holds {len(files)} images, the official archive {want}: an "
-                          f"incomplete unpack? Delete {folder} and unpack {ARCHIVES[name]} again.")
+def _wnid_files(info: Dataset, folder: Path, split: str) -> list[tuple[Path, int]]:
+    """Tiny-ImageNet: train/<wnid>/images/*.JPEG; the val split's labels from val/val_annotations.txt."""
+    wnids = _wnids(folder)
+    label = {w: i for i, w in enumerate(wnids)}
+    if split == info.train_files[0]:
+        return [(p, i) for i, w in enumerate(wnids) for p in sorted((folder / split / w / "images").glob("*.JPEG"))]
+    files = []
+    for line in (folder / split / "val_annotations.txt").read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in label:
+            raise DataError(f"{info.name}: {folder / split / 'val_annotations.txt'} has a line {line!r} whose class is "
+                            f"not in wnids.txt")
+        files.append((folder / split / "images" / parts[0], label[parts[1]]))
     return files
 
 
-def load(name: str, root: Path, download: bool = True, train: bool = True, img_size: int = 32
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 (N, 3, img_size, img_size), int64 labels) of the train or test split, from the cache when valid."""
-    folder = locate(name, root, download)
-    split = "train" if train else ("val" if name == "tinyimagenet" else "test")
-    files = split_files(name, folder, split)
+def _class_folder_names(info: Dataset, folder: Path) -> tuple[str, ...]:
+    """<split>/<class>/: the record's class names (CINIC-10: CIFAR-10's), else the training split's sub-folders."""
+    return info.class_names or tuple(sorted(p.name for p in (folder / info.train_files[0]).iterdir() if p.is_dir()))
+
+
+def _class_folder_files(info: Dataset, folder: Path, split: str) -> list[tuple[Path, int]]:
+    classes = _class_folder_names(info, folder)
+    return [(p, i) for i, c in enumerate(classes) for p in sorted((folder / split / c).glob("*.png"))]
+
+
+# Dataset.kind -> (its split's (file, label) pairs, its class names)
+LAYOUTS = {"wnids": (_wnid_files, _wnid_names), "class-folders": (_class_folder_files, _class_folder_names)}
+
+
+def class_names(info: Dataset, folder: Path) -> tuple[str, ...]:
+    """The class names in label order, as the archive's layout gives them."""
+    return LAYOUTS[info.kind][1](info, folder)
+
+
+def split_files(info: Dataset, folder: Path, train: bool) -> list[tuple[Path, int]]:
+    """(image file, label) pairs of one split, in a fixed order; the split's image count is checked."""
+    split = (info.train_files if train else info.test_files)[0]
+    files = LAYOUTS[info.kind][0](info, folder, split)
+    want = info.train_images if train else info.test_images
+    if len(files) != want:
+        raise DataError(f"{info.name}: {folder}/{split} holds {len(files)} images, the official archive {want}: an "
+                        f"incomplete unpack? Delete {folder} and unpack {info.archive} again.")
+    return files
+
+
+def read(info: Dataset, folder: Path, train: bool = True, img_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 (N, 3, img_size, img_size), int64 labels) of the train or test split of the located `folder`, from the
+    cache when valid."""
+    split = (info.train_files if train else info.test_files)[0]
+    files = split_files(info, folder, train)
     key = hashlib.sha1(f"{img_size}\n".encode())
     for p, label in files:
         st = p.stat() if p.is_file() else None
         if st is None:
-            raise D.DataError(f"{name}: {p} is listed but missing; delete {folder} and unpack the archive again")
+            raise DataError(f"{info.name}: {p} is listed but missing; delete {folder} and unpack the archive again")
         key.update(f"{p.relative_to(folder)}\t{st.st_size}\t{st.st_mtime_ns}\t{label}\n".encode())
     cache = folder / CACHE / f"{split}-{img_size}px-{key.hexdigest()[:16]}.npz"
     cached = _read_cache(cache)
@@ -213,10 +213,10 @@ def _decode(paths: list[Path], img_size: int) -> np.ndarray:
     def one(i: int) -> None:
         try:
             with Image.open(paths[i]) as img:
-                x[i] = D.image_to_uint8(img, img_size)
+                x[i] = image_to_uint8(img, img_size)
         except (OSError, UnidentifiedImageError) as e:
-            raise D.DataError(f"cannot read image {paths[i]}: {e}; the file is damaged, unpack the archive again"
-                              ) from None
+            raise DataError(f"cannot read image {paths[i]}: {e}; the file is damaged, unpack the archive again"
+                            ) from None
 
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(one, range(len(paths)), chunksize=256))

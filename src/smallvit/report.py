@@ -11,7 +11,8 @@ import json
 import math
 from pathlib import Path
 
-from .config import ABLATIONS, PAPER_RESULTS, ConfigError
+from .config import ConfigError
+from .experiments import ABLATIONS, PAPER_RESULTS
 from .runs import RESUME_FREE_KEYS, read_metrics
 
 
