@@ -62,10 +62,10 @@ class Decision:
 
 def decide(budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float, final_s: float,
            evals_per_step: float, max_steps: int, steps_per_epoch: int) -> Decision:
-    """The total number of steps that ends within `budget_s`: the time left (less a margin of 3% of the budget and
+    """The total number of steps that ends within `budget_s`: the time left (less a margin of 5% of the budget and
     at least 5 s, for the checkpoints, the result and the process's exit) pays for the remaining steps, the
     evaluations they bring (`evals_per_step` of them per step) and the final evaluation, which always happens."""
-    margin = max(5.0, 0.03 * budget_s)
+    margin = max(5.0, 0.05 * budget_s)
     left = budget_s - elapsed_s - margin - final_s
     more = max(0, math.floor(left / (step_s + evals_per_step * eval_s))) if left > 0 else 0
     total = step + more

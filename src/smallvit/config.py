@@ -172,6 +172,11 @@ class TrainConfig:
     # >0: also checkpoint when this much wall time has passed since the last one (checked at each log step, where
     # the ranks agree on it), so a SIGKILL loses at most about this much work; 0: off.
     checkpoint_every_seconds: float = 60.0
+    # >0: the whole command (imports, data, training, evaluations, the final test) ends within this many seconds:
+    # after a few steps inside the warm-up the run measures its step rate and fixes its number of steps, at most
+    # train.epochs' (budget.py); every schedule is then defined on that count, recorded in the run folder
+    # (budget.json) and the checkpoint. 0: train.epochs passes.
+    time_budget_s: float = 0.0
     # Start from pretrained weights (pretrained.py): a run folder or checkpoint, a timm ViT state dict, a DINO file.
     init_from: str = ""
     init_strict: bool = True  # false: load what fits, keep the initialisation of other mismatching tensors
@@ -420,7 +425,7 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg)
     _validate_aug(cfg.aug)
     _validate_optim(cfg.optim, cfg.train)
-    _validate_train(cfg.train, cfg.model)
+    _validate_train(cfg.train, cfg.model, cfg.optim)
     _validate_ssl(cfg.ssl, cfg.model)
     _validate_arch(cfg.model)
 
@@ -522,7 +527,7 @@ def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:
     _at_least("optim.grad_clip", o.grad_clip, 0, " (0: no clipping)")
 
 
-def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
+def _validate_train(t: TrainConfig, m: ModelConfig, o: OptimConfig) -> None:
     _at_least("train.epochs", t.epochs, 1)
     _at_least("train.batch_size", t.batch_size, 1)
     _within("train.label_smoothing", t.label_smoothing, 0.0, 1.0, "[)")
@@ -545,6 +550,10 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _at_least("train.log_every_steps", t.log_every_steps, 1)
     _at_least("train.checkpoint_every_steps", t.checkpoint_every_steps, 0, " (0: at evaluations only)")
     _at_least("train.checkpoint_every_seconds", t.checkpoint_every_seconds, 0, " (0: off)")
+    _at_least("train.time_budget_s", t.time_budget_s, 0, " (0: train.epochs passes)")
+    _check(not t.time_budget_s or (o.warmup_epochs >= 1 and not t.res_schedule),
+           "train.time_budget_s needs optim.warmup_epochs >= 1 (the step count is fixed inside the warm-up, before "
+           "the learning rate depends on it) and no train.res_schedule (its stages cost differently)")
     _check(not set(t.wandb_project) & set(WANDB_FORBIDDEN),
            f"train.wandb_project must not contain any of {WANDB_FORBIDDEN}, got {t.wandb_project!r}")
     for name in ("wandb_entity", "wandb_name", "wandb_tags"):  # read only when logging to W&B

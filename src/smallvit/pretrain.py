@@ -70,6 +70,7 @@ UNREAD_KEYS = (*(f"aug.{k}" for k in ("crop_pad", "flip", "autoaugment", "rotate
                                       "cutmix_beta", "chunk_images")),
                "model.patch_init", "model.whiten_filters", "model.whiten_images", "train.label_smoothing",
                "train.eval_flip", "train.ema_decay", "train.res_schedule", "train.init_from", "train.init_strict",
+               "train.time_budget_s",
                "train.wandb_project", "train.wandb_entity", "train.wandb_name", "train.wandb_tags")
 
 

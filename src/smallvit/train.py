@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from torch.profiler import record_function
 
 from . import data as D
 from . import distributed as dist_
-from . import pretrained, wandb_log
+from . import budget, pretrained, wandb_log
 from .augment import BatchAugment, resize, resolution_at
 from .backbones import build_model
 from .config import Config, ConfigError, res_stages, to_dict
@@ -140,7 +141,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     autocast = autocast_of(precision, device)
 
     # ---- resume
-    step, best_acc, history, pending = 0, 0.0, [], (0.0, 0)
+    step, best_acc, history, pending, decision = 0, 0.0, [], (0.0, 0), None
     state = resume_state(out, cfg, device, resume, world)
     if state is not None:
         load_model_state(model, state["model"], str(out / CHECKPOINT))
@@ -149,11 +150,18 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         if ema is not None:
             load_model_state(ema.module, state["model_ema"], str(out / CHECKPOINT))
         step, best_acc, history = state["step"], state["best_acc"], state.get("history", [])
+        decision = budget.from_dict(state["budget"]) if state.get("budget") else None
         clock.resume(state)
         # The loss since the last log line, summed over ranks: the logged curve of a resumed run is the
         # uninterrupted one's (rank 0 carries it).
         pending = state.get("pending_loss", (0.0, 0)) if main else (0.0, 0)
         del state
+    if decision is not None:  # the time budget's step count, as decided when the run began
+        spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, len(x_train), decision.total_steps)
+    decide_at = budget.measure_steps(warmup_steps) if t.time_budget_s and decision is None else None
+    if decide_at is not None and main:
+        print(f"time budget {t.time_budget_s:.0f} s: the step rate is measured over the first {decide_at} steps, "
+              f"then the run fixes how many steps fit (at most {total_steps}, train.epochs={t.epochs})", flush=True)
     ckpts = Checkpoints(out, step if resume and step else None)
     ddp_model = model
     if world > 1:
@@ -186,6 +194,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         return {"model": model.state_dict(), **({"model_ema": ema.module.state_dict()} if ema is not None else {}),
                 "optimizer": opt.state_dict(), "step": step, "best_acc": best_acc, "history": history,
                 "config": to_dict(cfg), **clock.state(), "pending_loss": pending,
+                **({"budget": decision.to_dict()} if decision is not None else {}),
                 "dataset": {"num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
                             "class_names": list(info.class_names)}}
 
@@ -236,6 +245,17 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             clock.stepped(t.batch_size)
             if bar is not None:
                 bar.update(1)
+            if step == decide_at:  # the time budget: how many steps fit, decided once (rank 0 measures)
+                decision = dist_.on_rank0(functools.partial(plan_budget, cfg, clock, step, spe, evaluate_, x_eval,
+                                                            y_eval, len(x_test) if split == "val" else 0), world)
+                spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, len(x_train),
+                                                                                  decision.total_steps)
+                if main:
+                    atomic_write_json(out / "budget.json", decision.to_dict())
+                    (bar.write if bar is not None else print)(decision.line())
+                    if bar is not None:
+                        bar.total = last_step
+                        bar.refresh()
             log_now = step % t.log_every_steps == 0 or step == last_step
             save_now = step in eval_steps or (t.checkpoint_every_steps > 0 and step % t.checkpoint_every_steps == 0)
             stopping = world == 1 and stop["signal"] is not None
@@ -286,9 +306,30 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     if split == "val":
         result.update(final_val_acc=final.get("val_acc", float("nan")), best_val_acc=best_acc,
                       val_images=cfg.data.val_images)
+    if decision is not None:
+        result["budget"] = decision.to_dict()
     return finish_run(cfg, out, result, stopping and step < last_step,  # a signal in the last step: a whole run
                       step, total_steps, spe, clock, world, precision, stop["signal"], params=n_params,
                       flops_per_image=flops)
+
+
+def plan_budget(cfg: Config, clock: Clock, step: int, spe: int, evaluate_, x_eval, y_eval,
+                test_images: int) -> budget.Decision:
+    """train.time_budget_s: the measured seconds per step (the timed steps so far), an evaluation's cost measured
+    on up to 500 images, and the command's wall time so far decide the run's number of steps (budget.decide)."""
+    t = cfg.train
+    clock.pause()
+    step_s = clock.timed / max(clock.seen / t.batch_size, 1.0)
+    n = min(500, len(x_eval))
+    start = time.perf_counter()
+    evaluate_(x_eval[:n], y_eval[:n])
+    per_image = (time.perf_counter() - start) / n
+    evals_per_step = 1.0 / (t.eval_every_epochs * spe) if t.eval_every_epochs else 0.0
+    decision = budget.decide(t.time_budget_s, clock.before + budget.command_seconds(), step, step_s,
+                             per_image * len(x_eval), per_image * (len(x_eval) + test_images), evals_per_step,
+                             t.epochs * spe, spe)
+    clock.go()
+    return decision
 
 
 def chunk_steps(chunk_images: int, batch_size: int, device: torch.device, image_numel: int = 3 * 32 * 32) -> int:
