@@ -2,7 +2,7 @@
 
 Written by hand because no maintained library does per-sample random crop / erasing on a whole batch
 of tensors on the GPU (torchvision v2 draws one parameter set per call; timm's Mixup works per batch
-but on CPU-side numpy RNG). Semantics follow SPEC 5.3-5.4; the order is the reference's:
+but on CPU-side numpy RNG). Semantics follow reference §5.3-5.4; the order is the reference's:
 flip -> pad-crop -> AutoAugment (uint8) -> normalise -> Random Erasing -> Mixup/CutMix.
 
 All randomness comes from generators reseeded from (seed, step), so a resumed run augments exactly as an
@@ -74,7 +74,7 @@ def normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torc
 
 
 def erase_boxes(n: int, H: int, W: int, cfg: AugConfig, rng: np.random.Generator, attempts: int = 10) -> np.ndarray:
-    """Random Erasing rectangles (SPEC 5.3.3) for n images: float32 (n, 5) rows of y0, y1, x0, x1, erase (0 or 1).
+    """Random Erasing rectangles (reference §5.3.3) for n images: float32 (n, 5) rows of y0, y1, x0, x1, erase (0 or 1).
 
     Up to `attempts` boxes are drawn per image and the first that fits is used (the reference tries 100 times one by
     one; with these ranges 10 tries fail for fewer than 1 in 10^6 images, which are left unchanged). Drawn on the
@@ -101,7 +101,7 @@ def erase_boxes(n: int, H: int, W: int, cfg: AugConfig, rng: np.random.Generator
 def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng: np.random.Generator,
                    g: torch.Generator | None = None, inplace: bool = False, shard: Shard | None = None
                    ) -> torch.Tensor:
-    """Random Erasing on a normalised float batch (SPEC 5.3.3), one rectangle per selected sample (erase_boxes).
+    """Random Erasing on a normalised float batch (reference §5.3.3), one rectangle per selected sample (erase_boxes).
 
     The fill is the reference's (the raw dataset mean written into normalised space), zero, or Gaussian noise drawn
     from the device generator `g` for the erased samples only. inplace=True writes into x. With a shard, x is that
@@ -127,7 +127,7 @@ def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng
     my = ((ys >= box[:, 0:1]) & (ys < box[:, 1:2])).float()  # (n, H)
     mx = ((xs >= box[:, 2:3]) & (xs < box[:, 3:4])).float()  # (n, W)
     mask = (my[:, :, None] * mx[:, None, :])[:, None]  # (n, 1, H, W), 0 or 1
-    if cfg.erase_fill == "reference":  # raw dataset mean written into normalised space (SPEC 5.3.3)
+    if cfg.erase_fill == "reference":  # raw dataset mean written into normalised space (reference §5.3.3)
         fill = fill_mean.view(1, C, 1, 1).to(x.dtype).expand(1, C, 1, 1)
     elif cfg.erase_fill == "zero":
         fill = x.new_zeros(1, 1, 1, 1).expand(1, C, 1, 1)
@@ -145,13 +145,13 @@ def random_erasing(x: torch.Tensor, cfg: AugConfig, fill_mean: torch.Tensor, rng
 
 
 def smooth_targets(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """(1 - eps) * onehot + eps / K (SPEC 5.6)."""
+    """(1 - eps) * onehot + eps / K (reference §5.6)."""
     t = torch.full((y.shape[0], num_classes), smoothing / num_classes, device=y.device)
     return t.scatter_(1, y[:, None], 1.0 - smoothing + smoothing / num_classes)
 
 
 def cutmix_box(H: int, W: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int, float]:
-    """Box (y0, y1, x0, x1) for CutMix and lambda corrected to the area actually kept (SPEC 5.4)."""
+    """Box (y0, y1, x0, x1) for CutMix and lambda corrected to the area actually kept (reference §5.4)."""
     cut = math.sqrt(1.0 - lam)
     ch, cw = int(H * cut), int(W * cut)
     cy, cx = int(rng.integers(0, H)), int(rng.integers(0, W))
@@ -162,7 +162,7 @@ def cutmix_box(H: int, W: int, lam: float, rng: np.random.Generator) -> tuple[in
 
 def mix(x: torch.Tensor, t: torch.Tensor, cfg: AugConfig, rng: np.random.Generator, g_dev: torch.Generator,
         shard: Shard | None = None, gather=None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Batch-level Mixup or CutMix with the reference's switch (SPEC 5.4). Returns (x, soft targets, kind).
+    """Batch-level Mixup or CutMix with the reference's switch (reference §5.4). Returns (x, soft targets, kind).
 
     Scalar decisions (switch, lambda, box) use a host RNG so that a GPU run never waits on the device for them.
     Partners are a permutation of the global batch: with a shard, x and t are that shard's rows of one global batch,

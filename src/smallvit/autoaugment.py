@@ -1,13 +1,13 @@
 """Batched AutoAugment and RandAugment on uint8 image tensors, with independent random parameters per sample.
 
-The reference (SPEC 5.3.1) runs PIL AutoAugment image by image in DataLoader workers. Here a whole batch is
+The reference (reference §5.3.1) runs PIL AutoAugment image by image in DataLoader workers. Here a whole batch is
 augmented on its own device: every sample draws its own sub-policy (or RandAugment ops), firing decisions and
 signs, and each op family (KERNELS: point ops as one per-image lookup table, nearest or bilinear affine warps,
 colour and sharpness blends) then runs once per stage, on the sub-batch that drew it (CPU) or on the whole batch
 with neutral parameters elsewhere (CUDA). An AutoAugment sub-policy is two stages (op1, then op2); RandAugment is
 `num_ops` stages. No per-image Python loop; on CPU one host sync per call, on CUDA none (see _apply_stages).
 
-Magnitudes follow SPEC 5.3.1 through one fraction f in [0, 1] (AutoAugment: idx / 9; RandAugment: m / 30):
+Magnitudes follow reference §5.3.1 through one fraction f in [0, 1] (AutoAugment: idx / 9; RandAugment: m / 30):
 shear 0.3 f, translate (150/331) f of the width / height, rotate 30 f degrees, enhance factor 1 +- 0.9 f,
 posterize 8 - round(4 f) bits (8,8,7,7,6,6,5,5,4,4 over idx 0..9), solarize threshold 256 (1 - f).
 
@@ -17,7 +17,7 @@ Deviations from the PIL reference, all deliberate:
   exact integer arithmetic (warp.py), so its pixels are the same on every machine, device and batch composition.
 - Translations are rounded to whole pixels, so a nearest-neighbour translate is an exact shift.
 - Rotation gets a random sign by default (standard AutoAugment); rotate_sign="ccw" keeps the reference's quirk of
-  always rotating counter-clockwise (SPEC 12.19).
+  always rotating counter-clockwise (reference §12.19).
 - Pixel ops follow torchvision.transforms.v2.functional on uint8 tensors (the tests compare against it); they can
   differ from PIL by one grey level.
 """
@@ -40,7 +40,7 @@ SIGNED = frozenset({"shear_x", "shear_y", "translate_x", "translate_y", "rotate"
 RAND_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
             "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 
-# Sub-policies as (p1, op1, idx1, p2, op2, idx2), copied from SPEC 5.3.2 (idx of magnitude-free ops is unused).
+# Sub-policies as (p1, op1, idx1, p2, op2, idx2), copied from reference §5.3.2 (idx of magnitude-free ops is unused).
 POLICIES: dict[str, tuple[tuple[float, str, int, float, str, int], ...]] = {
     "cifar10": (
         (0.1, "invert", 0, 0.2, "contrast", 6),
@@ -96,7 +96,7 @@ POLICIES: dict[str, tuple[tuple[float, str, int, float, str, int], ...]] = {
         (0.8, "shear_y", 5, 0.7, "autocontrast", 3),
         (0.7, "shear_x", 2, 0.1, "invert", 5),
     ),
-    # The reference's 25 entries, duplicates included (SPEC 5.3.2 and 12.19), so sampling weights match it.
+    # The reference's 25 entries, duplicates included (reference §5.3.2 and 12.19), so sampling weights match it.
     "imagenet": (
         (0.4, "posterize", 8, 0.6, "rotate", 9),
         (0.6, "solarize", 5, 0.6, "autocontrast", 5),

@@ -1,4 +1,4 @@
-"""The backbone interface (Backbone), the reference's other backbones (SPEC 11) built from timm's own classes, and
+"""The backbone interface (Backbone), the reference's other backbones (reference §11) built from timm's own classes, and
 the one `build_model`.
 
 `model.arch` picks the class: vit (this package's ViT, model.py), swin (timm's SwinTransformer) or cait (timm's
@@ -50,7 +50,7 @@ class Backbone(Protocol):
 
 
 class Swin(SwinTransformer):
-    """SPEC 11.1: shifted-window stages (patch merging doubles the width), no absolute position embedding,
+    """reference §11.1: shifted-window stages (patch merging doubles the width), no absolute position embedding,
     LayerNorm after the patch embedding, average pooling, drop path linear from 0 over all blocks.
     `any_size`: timm's attention masks built for each input's size (DINO's local views), the same numbers at
     cfg.img_size."""
@@ -76,7 +76,7 @@ class Swin(SwinTransformer):
 
 
 class Cait(TimmCait):
-    """SPEC 11.2: talking-heads self-attention over the patches only (position embedding on the patches),
+    """reference §11.2: talking-heads self-attention over the patches only (position embedding on the patches),
     LayerScale on every branch, then class-attention blocks (MLP ratio 4, no drop path) that update the CLS token;
     drop path constant over the self-attention blocks. Other input sizes resample the position table (timm's
     resample_abs_pos_embed, as smallvit's ViT)."""
@@ -87,7 +87,7 @@ class Cait(TimmCait):
             global_pool="token", embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
             mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop_path_rate=cfg.drop_path,
             norm_layer=functools.partial(nn.LayerNorm, eps=cfg.norm_eps), init_values=cfg.layer_scale_init,
-            depth_token_only=cfg.class_attn_depth, mlp_ratio_token_only=4.0,  # SPEC 11.2: the reference's 4.0
+            depth_token_only=cfg.class_attn_depth, mlp_ratio_token_only=4.0,  # reference §11.2: the reference's 4.0
         )
         self.cfg = cfg
         self.grid = cfg.img_size // cfg.patch_size

@@ -1,6 +1,6 @@
 """Typed configuration machinery: the paper's baseline as defaults, dotted overrides, and the checks of every value.
 
-Every default below is the reference system's baseline (SPEC section 14) unless a comment says otherwise.
+Every default below is the reference system's baseline (reference §14) unless a comment says otherwise.
 The experiments (presets, ablations, studies) are dicts of dotted keys applied on top of `Config()`: experiments.py.
 """
 
@@ -28,24 +28,24 @@ class ModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 2.0
     qkv_bias: bool = True
-    norm_eps: float = 1e-6  # build_model passes 1e-6 (SPEC 6.5)
+    norm_eps: float = 1e-6  # build_model passes 1e-6 (reference §6.5)
     drop_path: float = 0.1  # max stochastic depth, linear from 0 over the blocks
-    # Low-rank ("MLA") q/k/v projections, SPEC 6.6: any subset of "qkv" is factorised D -> r -> D.
+    # Low-rank ("MLA") q/k/v projections, reference §6.6: any subset of "qkv" is factorised D -> r -> D.
     latent: str = ""
     latent_dim: int = 64
     latent_kv_shared: bool = False  # beyond the paper: one down-projection feeds both k and v (DeepSeek MLA)
-    # Several CLS tokens and class-attention blocks, SPEC 6.7.
+    # Several CLS tokens and class-attention blocks, reference §6.7.
     num_cls_tokens: int = 1  # 0: no CLS token, global average pooling of the patch tokens (big_vision's gap)
     cls_pool: Literal["concat", "mean"] = "concat"  # concat: head reads K*D; mean: head reads the mean of the K tokens
     class_attn_depth: int = 0
-    # reference: patches projected (SPEC 6.7); cait: patches left unchanged
+    # reference: patches projected (reference §6.7); cait: patches left unchanged
     class_attn: Literal["reference", "cait"] = "reference"
-    # Patch-token initialisation, SPEC 6.4 and 6.9.
+    # Patch-token initialisation, reference §6.4 and 6.9.
     pos_embed: Literal["learned", "sincos"] = "learned"
     patch_init: Literal["default", "whiten"] = "default"  # default: PyTorch conv init
     whiten_filters: Literal["first", "all"] = "first"  # first: the reference's c*k*k filters; all: every output channel
     whiten_images: int = 5000
-    # Backbone (SPEC 11, `backbones.py`): vit (model.py) | swin | cait (timm's SwinTransformer and Cait classes).
+    # Backbone (reference §11, `backbones.py`): vit (model.py) | swin | cait (timm's SwinTransformer and Cait classes).
     # swin reads embed_dim (stage 1; doubled per stage), patch_size, mlp_ratio, qkv_bias, norm_eps, drop_path (linear)
     # and the swin_* keys below instead of depth / num_heads; cait reads the ViT's shape keys, class_attn_depth (its
     # class-attention blocks) and layer_scale_init, with a constant drop_path. Defaults are the reference's shapes.
@@ -53,7 +53,7 @@ class ModelConfig:
     swin_depths: tuple[int, ...] = (2, 6, 4)  # blocks per stage
     swin_heads: tuple[int, ...] = (3, 6, 12)  # heads per stage
     window_size: int = 4  # a stage whose grid is <= the window attends globally, unshifted (timm)
-    layer_scale_init: float = 1e-5  # cait: LayerScale gamma of every residual branch (SPEC 11.2)
+    layer_scale_init: float = 1e-5  # cait: LayerScale gamma of every residual branch (reference §11.2)
     # Beyond the paper: drop this fraction of the patch tokens (random per image) in training (timm's PatchDropout);
     # a step costs about (1 - patch_drop) of the full one. Evaluation always sees every token.
     patch_drop: float = 0.0
@@ -84,22 +84,22 @@ class AugConfig:
     crop_pad: int = 4  # random crop after zero padding; 0 disables
     flip: bool = True
     autoaugment: Literal["cifar10", "svhn", "imagenet", "rand", "none"] = "cifar10"  # README column "-aa"
-    # random: standard AutoAugment; ccw: the reference's quirk (SPEC 12.19)
+    # random: standard AutoAugment; ccw: the reference's quirk (reference §12.19)
     rotate_sign: Literal["random", "ccw"] = "random"
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
     erase_p: float = 0.25
     erase_area: tuple[float, float] = (0.02, 0.4)
     erase_min_aspect: float = 0.3
-    erase_log_aspect: bool = True  # the reference samples the aspect uniformly (SPEC 5.3.3); standard is log-uniform
+    erase_log_aspect: bool = True  # the reference samples the aspect uniformly (reference §5.3.3); standard is log-uniform
     # reference: raw dataset mean in normalised space
     erase_fill: Literal["reference", "zero", "noise"] = "reference"
     mixup: bool = True  # README column "-mixup"
     cutmix: bool = True  # README column "-cutmix"
-    mix_p: float = 0.5  # probability that a batch is mixed at all (SPEC 5.4)
+    mix_p: float = 0.5  # probability that a batch is mixed at all (reference §5.4)
     mixup_alpha: float = 1.0
     cutmix_beta: float = 1.0
-    # SPEC 5.5: "passes" = the single-process meaning (an epoch is `repeats` shuffled passes, no image twice in a
+    # reference §5.5: "passes" = the single-process meaning (an epoch is `repeats` shuffled passes, no image twice in a
     # batch); "in_batch" = the torchrun meaning (each image `repeats` times in a row inside a batch).
     repeat_mode: Literal["passes", "in_batch"] = "passes"
     repeats: int = 3
@@ -121,7 +121,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    decay_all: bool = True  # the reference decays every tensor (SPEC 12.13); False: no decay on what no_decay names
+    decay_all: bool = True  # the reference decays every tensor (reference §12.13); False: no decay on what no_decay names
     # With decay_all=false, the tensors without weight decay: 1d-tokens (1-D tensors, cls_token, pos_embed and the
     # model's no_weight_decay()) | 1d (biases and 1-D tensors only: DINO's get_params_groups, the parent's
     # utils/utils_ssl.py 616-626, which decays cls_token and pos_embed)
@@ -130,24 +130,24 @@ class OptimConfig:
     # Where the linear warm-up starts: min_lr | zero (DINO's cosine_scheduler, start_warmup_value=0: the parent's
     # utils/utils_ssl.py 223-227). The two differ by at most min_lr, 1% of the pretrain preset's peak: negligible.
     warmup_from: Literal["min_lr", "zero"] = "min_lr"
-    # after the warm-up: cosine (SPEC 8) | linear | wsd (flat, then linear; optim.lr_at)
+    # after the warm-up: cosine (reference §8) | linear | wsd (flat, then linear; optim.lr_at)
     schedule: Literal["cosine", "linear", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the last fraction of the post-warm-up steps that decays
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0: no clipping, as the reference
-    # Muon's non-matrix part: adamw (the reference, SPEC 7.3) | nadamw (what timm's Muon picks with nesterov=True)
+    # Muon's non-matrix part: adamw (the reference, reference §7.3) | nadamw (what timm's Muon picks with nesterov=True)
     muon_fallback: Literal["adamw", "nadamw"] = "adamw"
     muon_batched: bool = True  # step same-shape Muon matrices as one stack (far fewer kernel launches); False: timm's
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 100  # each epoch is aug.repeats passes over the data (SPEC 5.5)
+    epochs: int = 100  # each epoch is aug.repeats passes over the data (reference §5.5)
     batch_size: int = 256
     label_smoothing: float = 0.1
-    eval_every_epochs: int = 5  # and always after the last step (fixes SPEC bug 11)
+    eval_every_epochs: int = 5  # and always after the last step (fixes reference §12.11)
     # >0: keep an exponential moving average of the weights (timm's ModelEmaV3, with its warm-up: the decay grows as
     # 1 - (1 + step)^(-2/3) up to this value); evaluations, the checkpoint's "model_ema" and every command that loads
     # the run (eval, export, predict, init_from) use it. 0: off.
@@ -594,7 +594,7 @@ def refuse_unread(cfg: Config, base: Config, unread: tuple[str, ...], command: s
 
 
 def _validate_arch(m: ModelConfig) -> None:
-    """The keys of each backbone (SPEC 11); a key the arch does not read is refused by name."""
+    """The keys of each backbone (reference §11); a key the arch does not read is refused by name."""
     default = ModelConfig()
     for key, users in ARCH_KEYS.items():
         value = getattr(m, key)

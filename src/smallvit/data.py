@@ -6,7 +6,7 @@ The CIFAR files are pickles: each one's md5 is checked *before* it is unpickled,
 SVHN is the official `train_32x32.mat` / `test_32x32.mat` pair (labels 1..10, where 10 is the digit 0).
 A folder dataset is the ImageFolder layout root/train/<class>/*.png and root/val/<class>/*.png, resized once.
 The whole split is returned as one uint8 tensor (N, 3, H, W) so it can live on the training device:
-no per-image Python loop and no DataLoader workers (the reference's PIL pipeline is the bottleneck, SPEC 5.3).
+no per-image Python loop and no DataLoader workers (the reference's PIL pipeline is the bottleneck, reference §5.3).
 """
 
 from __future__ import annotations
@@ -332,8 +332,8 @@ def val_split(labels: torch.Tensor, n_val: int, seed: int = 0) -> tuple[torch.Te
 def epoch_indices(n: int, epoch: int, seed: int, repeats: int, mode: str, batch_size: int) -> torch.Tensor:
     """Sample order for one epoch, a pure function of (seed, epoch), so a resumed run sees the same data.
 
-    passes:   `repeats` fresh permutations chained (SPEC 5.5, single process); no image twice in a batch.
-    in_batch: one permutation, each index `repeats` times in a row (SPEC 5.5, torchrun; Hoffer et al. 2020).
+    passes:   `repeats` fresh permutations chained (reference §5.5, single process); no image twice in a batch.
+    in_batch: one permutation, each index `repeats` times in a row (reference §5.5, torchrun; Hoffer et al. 2020).
     The remainder that does not fill a batch is dropped, as the reference does.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

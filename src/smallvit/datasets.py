@@ -26,7 +26,7 @@ class Dataset:
     # archive layout: imagesets.py) | folder (the user's ImageFolder tree at data.data_dir)
     kind: str
     num_classes: int  # 0: known only once read (an image folder)
-    mean: tuple[float, float, float] | None = None  # SPEC 5.1; None: computed from the training images
+    mean: tuple[float, float, float] | None = None  # reference §5.1; None: computed from the training images
     std: tuple[float, float, float] | None = None
     image_size: int = 32  # the stored images' size (the size preset dataset_preset trains at)
     resized: bool = False  # the reader decodes the images at any model.img_size; False: image_size only
@@ -69,7 +69,7 @@ CIFAR100_CLASSES = (
 )
 
 # File md5s are the official ones (the values torchvision checks); archive md5s as torchvision-style loaders check
-# them; mean/std from SPEC 5.1 (CINIC-10: its README).
+# them; mean/std from reference §5.1 (CINIC-10: its README).
 _RECORDS = (
     Dataset(
         "cifar10", "pickle", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), class_names=CIFAR10_CLASSES,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .config import Config, ConfigError, apply_overrides
 from .datasets import DATASETS
 
-# The reference's other backbones at its shapes for 32-px input (SPEC 11): the rest of the recipe is the baseline's.
+# The reference's other backbones at its shapes for 32-px input (reference §11): the rest of the recipe is the baseline's.
 # Above 32 px the reference uses patch 4 (swin) and 8 (cait): add model.patch_size.
 SWIN = {"model.arch": "swin", "model.embed_dim": 96, "model.patch_size": 2}
 CAIT = {"model.arch": "cait", "model.depth": 24, "model.num_heads": 4, "model.class_attn_depth": 2}
@@ -19,7 +19,7 @@ CAIT = {"model.arch": "cait", "model.depth": 24, "model.num_heads": 4, "model.cl
 # best test accuracy in 10 minutes of wall time on 2 CPU cores. Each ingredient is a set of general config keys,
 # named so that a GPU attempt can reuse them; "-<name>" in ABLATIONS takes one back out of the speedrun preset.
 SPEEDRUN_INGREDIENTS: dict[str, dict[str, object]] = {
-    # the patch embedding's first filters set to whitening filters of the data's 4x4 patches (SPEC 6.9)
+    # the patch embedding's first filters set to whitening filters of the data's 4x4 patches (reference §6.9)
     "whiten": {"model.patch_init": "whiten"},
     "gap": {"model.num_cls_tokens": 0},  # global average pooling instead of a CLS token (big_vision)
     "muon": {"optim.name": "muon"},  # Muon on the hidden matrices, AdamW on the rest
@@ -60,7 +60,9 @@ PRESETS: dict[str, dict[str, object]] = {
     # A CPU demo that trains for about 10 minutes on 2 cores: a narrow, shallow ViT on a short schedule.
     "quick": {**CPU_TEN_MINUTES, "train.eval_every_epochs": 2},
     # The main job (./run.sh): the speed run on 2 CPU cores, the test set scored once at the end.
-    "speedrun": {**CPU_TEN_MINUTES, **SPEEDRUN},
+    # The whole command ends within 10 minutes on any 2-core machine: the time budget (590 s: the shell and the
+    # set-up check take the rest) decides the passes from the measured step rate, at most 20 (budget.py).
+    "speedrun": {**CPU_TEN_MINUTES, **SPEEDRUN, "train.time_budget_s": 590.0, "train.epochs": 20},
     # A starting point for a GPU speed run (docs/speedrun.md), NOT yet run on a GPU: the paper's 3.6M-parameter ViT
     # with the same ingredients, a batch that fills a GPU, bf16 (train.precision=auto) and compiled.
     "speedrun-gpu": {**LIGHT, **FEW_EPOCHS_FAST, **SPEEDRUN, "train.epochs": 20, "train.batch_size": 512,
@@ -80,13 +82,13 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.eval_every_epochs": 1,
         "train.log_every_steps": 4,
     },
-    # Other datasets at the baseline's scale (SPEC 5.1-5.3): SVHN digits are not mirror-symmetric, so no flip.
+    # Other datasets at the baseline's scale (reference §5.1-5.3): SVHN digits are not mirror-symmetric, so no flip.
     "cifar100": dataset_preset("cifar100"),
     "svhn": {**dataset_preset("svhn"), "aug.autoaugment": "svhn", "aug.flip": False},
-    # The backbones of SPEC 11 at the paper's recipe.
+    # The backbones of reference §11 at the paper's recipe.
     "swin": SWIN,
     "cait": CAIT,
-    # SPEC 5.1 and the AutoAugment decision of SPEC 12.19 (docs/backbones-and-datasets.md): Tiny-ImageNet is a
+    # reference §5.1 and the AutoAugment decision of reference §12.19 (docs/backbones-and-datasets.md): Tiny-ImageNet is a
     # subset of ImageNet, so it keeps the reference's ImageNet policy; CINIC-10 is CIFAR-10's classes at 32 px
     # (CIFAR-10's images plus ImageNet ones downsampled), so it takes the CIFAR-10 policy, not the reference's ImageNet.
     "tinyimagenet": {**dataset_preset("tinyimagenet"), "aug.autoaugment": "imagenet"},
@@ -121,7 +123,7 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-# Named ablations: each differs from the baseline in a few keys. The paper's README columns (SPEC section 4)
+# Named ablations: each differs from the baseline in a few keys. The paper's README columns (reference §4)
 # carry `paper_acc` in PAPER_RESULTS below; the rest are the design space the paper describes without a column.
 ABLATIONS: dict[str, dict[str, object]] = {
     "baseline": {},
@@ -144,13 +146,13 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "mla-kv": {"model.latent": "kv"},
     "mla-qkv": {"model.latent": "qkv"},
     "mla-kv-shared": {"model.latent": "kv", "model.latent_kv_shared": True},
-    # Several CLS tokens, with and without class-attention blocks (SPEC 6.7)
+    # Several CLS tokens, with and without class-attention blocks (reference §6.7)
     **{f"cls{k}": {"model.num_cls_tokens": k} for k in (2, 4, 8)},
     **{f"cls{k}-ca2": {"model.num_cls_tokens": k, "model.class_attn_depth": 2} for k in (1, 2, 4, 8)},
     "cls4-ca2-cait": {"model.num_cls_tokens": 4, "model.class_attn_depth": 2, "model.class_attn": "cait"},
     "cls4-mean": {"model.num_cls_tokens": 4, "model.cls_pool": "mean"},
     # Batch size and optimisers (README group "DDP"). The reference ran these under torchrun, which also switched
-    # "repeated augmentation" to in-batch repeats (SPEC 5.5, bug 10), so these columns carry that key too;
+    # "repeated augmentation" to in-batch repeats (reference §5.5, bug 10), so these columns carry that key too;
     # "ra-in-batch" above is its "bs256" column.
     "bs1024": {"train.batch_size": 1024, "aug.repeat_mode": "in_batch"},
     "lion-bs1024": {"train.batch_size": 1024, "aug.repeat_mode": "in_batch", "optim.name": "lion"},
@@ -158,14 +160,14 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "muon": {"optim.name": "muon"},
     "adamw-nowd-1d": {"optim.decay_all": False},
     "depth9": {"model.depth": 9},
-    # Other backbones (SPEC 11), built from timm's classes
+    # Other backbones (reference §11), built from timm's classes
     "swin": SWIN,
     "cait": CAIT,
     # The speed run's ingredients, each taken back out of the speedrun preset (study "speedrun")
     **SPEEDRUN_ABLATIONS,
 }
 
-# The reference README's Val/Acc (%) for the columns that have one (SPEC section 4).
+# The reference README's Val/Acc (%) for the columns that have one (reference §4).
 PAPER_RESULTS: dict[str, float] = {
     "baseline": 93.65, "-aa": 92.14, "-mixup": 93.68, "-cutmix": 92.77, "sin": 93.43, "whiten": 93.28,
     "mla-qkv": 91.8, "mla-kv": 92.43, "mla-qk": 92.42, "mla-q": 93.32, "mla-k": 92.5,
@@ -179,12 +181,12 @@ STUDIES: dict[str, list[str]] = {
     "mla": ["baseline", "mla-q", "mla-k", "mla-qk", "mla-kv", "mla-qkv"],
     "cls": ["baseline", "cls2", "cls4", "cls8", "cls1-ca2", "cls2-ca2", "cls4-ca2", "cls8-ca2"],
     "optim": ["baseline", "ra-in-batch", "bs1024", "lion-bs1024", "lion", "muon"],
-    # Every column of the reference README table (SPEC section 4).
+    # Every column of the reference README table (reference §4).
     "paper": list(PAPER_RESULTS),
     "all": [a for a in ABLATIONS if a not in SPEEDRUN_ABLATIONS],  # the paper's design space
     # The CPU mini-study of the README: one or two ablations from each group of the paper's table.
     "mini": ["baseline", "-aa", "-mixup", "-cutmix", "sin", "mla-qkv"],
-    # The reference's three backbones side by side (SPEC 11): the ViT, timm's Swin and timm's CaiT.
+    # The reference's three backbones side by side (reference §11): the ViT, timm's Swin and timm's CaiT.
     "archs": ["baseline", "swin", "cait"],
     # The speed run's ingredients, one at a time taken out of --preset speedrun (benchmarks/cpu_speedrun.py).
     "speedrun": ["baseline", *SPEEDRUN_ABLATIONS],

@@ -141,7 +141,7 @@ def step_plan(cfg: Config, n: int, total_steps: int = 0) -> tuple[int, int, int,
     total_steps = total_steps or t.epochs * spe
     last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
     eval_steps = {e * spe for e in range(1, t.epochs + 1) if t.eval_every_epochs and e % t.eval_every_epochs == 0}
-    eval_steps = {s for s in eval_steps if s < last_step} | {last_step}  # always evaluate the end (SPEC bug 11)
+    eval_steps = {s for s in eval_steps if s < last_step} | {last_step}  # always evaluate the end (reference §12.11)
     return spe, total_steps, cfg.optim.warmup_epochs * spe, last_step, eval_steps
 
 

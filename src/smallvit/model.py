@@ -1,4 +1,4 @@
-"""The paper's ViT (SPEC section 6) with every design knob it studies as a constructor option.
+"""The paper's ViT (reference §6) with every design knob it studies as a constructor option.
 
 One model, no copies: low-rank q/k/v (MLA), several CLS tokens or none (global average pooling), class-attention
 blocks, learned or fixed 2-D sin-cos position embedding, patch dropout. Whitening init of the patch embedding lives in
@@ -19,7 +19,7 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, num_cls: int = 0) -> to
     """Fixed 2-D sin-cos table (num_cls + grid_h*grid_w, dim), MoCo-v3 layout: [sin r, cos r, sin c, cos c].
 
     Token r*grid_w + c gets row r and column c; the CLS rows are zero. Any grid and any number of CLS
-    tokens (the reference hard-codes 8x8 and one CLS row, SPEC bug 4).
+    tokens (the reference hard-codes 8x8 and one CLS row, reference §12.4).
     """
     assert dim % 4 == 0, "sin-cos position embedding needs dim % 4 == 0"
     p = dim // 4
@@ -45,7 +45,7 @@ def dino_interpolate_pos(pos: torch.Tensor, h: int, w: int, num_cls: int) -> tor
 
 
 class LowRankLinear(nn.Sequential):
-    """D -> r (no bias) -> D (bias): the reference's 'latent' projection (SPEC 6.6)."""
+    """D -> r (no bias) -> D (bias): the reference's 'latent' projection (reference §6.6)."""
 
     def __init__(self, dim: int, rank: int, bias: bool):
         super().__init__()
@@ -97,7 +97,7 @@ class Attention(nn.Module):
 
 
 class ClassAttention(nn.Module):
-    """CLS tokens attend to all tokens (SPEC 6.7). `project_patches`: the reference's projO on the patches."""
+    """CLS tokens attend to all tokens (reference §6.7). `project_patches`: the reference's projO on the patches."""
 
     def __init__(self, dim: int, num_heads: int, num_cls: int, qkv_bias: bool = True, project_patches: bool = True):
         super().__init__()
@@ -169,7 +169,7 @@ class ViT(nn.Module):
         # Liu et al. 2022, "PatchDropout"), so a step costs about that fraction; evaluation sees every token.
         self.patch_drop = PatchDropout(cfg.patch_drop, num_prefix_tokens=K) if cfg.patch_drop > 0 else nn.Identity()
         total = cfg.depth + cfg.class_attn_depth
-        # One linear drop-path schedule over all blocks; class-attention blocks continue it (fixes SPEC bug 14).
+        # One linear drop-path schedule over all blocks; class-attention blocks continue it (fixes reference §12.14).
         dpr = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
         self.blocks = nn.ModuleList(
             Block(D, Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.latent, cfg.latent_dim, cfg.latent_kv_shared),
@@ -189,7 +189,7 @@ class ViT(nn.Module):
 
     def _init_weights(self):
         K = self.num_cls
-        # SPEC 6.8: trunc-normal(0.02) linears with zero bias, LayerNorm 1/0, tokens trunc-normal(0.02);
+        # reference §6.8: trunc-normal(0.02) linears with zero bias, LayerNorm 1/0, tokens trunc-normal(0.02);
         # the patch-embedding conv keeps PyTorch's default init.
         for m in self.modules():
             if isinstance(m, nn.Linear):

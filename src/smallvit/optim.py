@@ -28,7 +28,7 @@ def _check_resolved(cfg: OptimConfig) -> None:
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float, shape: str = "cosine",
           decay_fraction: float = 1.0, start: float | None = None) -> float:
-    """SPEC 8: linear warm-up from `start` (default `floor`) over `warmup_steps`, then one cosine to `floor` at
+    """reference §8: linear warm-up from `start` (default `floor`) over `warmup_steps`, then one cosine to `floor` at
     `total_steps`.
 
     Other shapes after the warm-up: "linear" (a straight line to `floor`), "wsd" (warm-up, stable, decay: the peak
@@ -54,7 +54,7 @@ def _no_decay(name: str, p: nn.Parameter, skip: frozenset[str] = frozenset(), ru
 
 def _muon(name: str, p: nn.Parameter, skip: frozenset[str] = frozenset()) -> bool:
     # Hidden 2-D matrices go to Muon. The patch embedding (a conv, the input layer), the tokens, the
-    # position embedding, the head and every 1-D tensor go to AdamW (fixes SPEC bug 9, where the
+    # position embedding, the head and every 1-D tensor go to AdamW (fixes reference §12.9, where the
     # substring "fc" sent every MLP weight to AdamW and the 3-D cls_token to Muon). So do the tensors the model
     # names in no_weight_decay() (Swin's relative-position bias tables are 2-D but are not weight matrices).
     return p.ndim == 2 and not name.startswith(("head", "patch_embed", "pos_embed", "cls_token")) and name not in skip
@@ -83,7 +83,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
                                weight_decay=cfg.weight_decay, **fb, kind=cfg.muon_fallback, decay_scheduled=True))
             groups.append(dict(params=[p for n, p in rest if _is_no_decay(n, p)], peak_lr=cfg.lr,
                                weight_decay=0.0, **fb, kind=f"{cfg.muon_fallback}-no-decay"))
-    elif cfg.decay_all:  # the reference: one group, decay on everything (SPEC 7.1)
+    elif cfg.decay_all:  # the reference: one group, decay on everything (reference §7.1)
         groups = [dict(params=[p for _, p in params], peak_lr=cfg.lr, weight_decay=cfg.weight_decay, kind="all",
                        decay_scheduled=True)]
     else:
@@ -110,7 +110,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     if cfg.name == "lion":
         from timm.optim import Lion
 
-        # Lion's own betas (0.9, 0.99) as lion-pytorch's defaults (SPEC 7.2); lr is the config's.
+        # Lion's own betas (0.9, 0.99) as lion-pytorch's defaults (reference §7.2); lr is the config's.
         return Lion(groups, lr=cfg.lr, betas=(0.9, 0.99))
     if cfg.name == "muon":
         from timm.optim import Muon

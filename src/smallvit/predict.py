@@ -1,6 +1,6 @@
 """Use a trained model: `load(run)` gives the model, its preprocessing and its class names; top-k on image files.
 
-Preprocessing is the test-time pipeline of training (SPEC 5.2): RGB, resize to model.img_size (bilinear,
+Preprocessing is the test-time pipeline of training (reference §5.2): RGB, resize to model.img_size (bilinear,
 antialiased; a no-op for images already that size), scale to [0, 1], normalise with the dataset's mean/std.
 """
 

@@ -1,4 +1,4 @@
-"""Start a model from pretrained weights (`train.init_from`), matched by name, never by position (SPEC 9.4 bug).
+"""Start a model from pretrained weights (`train.init_from`), matched by name, never by position (reference §9.4 bug).
 
 Accepted sources, read without unpickling code (`torch.load(weights_only=True)` or safetensors):
 - a smallvit run folder (its checkpoint.pt) or checkpoint file: the "model" entry;

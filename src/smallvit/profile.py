@@ -1,4 +1,4 @@
-"""`smallvit profile`: torch.profiler over a few real training steps of a config (SPEC 9.5, made useful).
+"""`smallvit profile`: torch.profiler over a few real training steps of a config (reference §9.5, made useful).
 
 The steps are `train()`'s own (its `step_hook` advances the profiler), under a wait / warm-up / active schedule
 after one skipped first step (compilation, first augmentation). Writes, in the output folder:

@@ -1,4 +1,4 @@
-"""Weights & Biases logging (SPEC 10.1), on when `train.wandb_project` is set; `pip install smallvit[wandb]`.
+"""Weights & Biases logging (reference §10.1), on when `train.wandb_project` is set; `pip install smallvit[wandb]`.
 
 A sink of `runs.Records`: every record that reaches metrics.jsonl and TensorBoard reaches W&B too, at the same
 step. Evaluation entries are named for what they are: `test_acc` -> `test/acc`, `val_loss` -> `val/loss`.

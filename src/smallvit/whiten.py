@@ -1,7 +1,7 @@
-"""Whitening initialisation of the patch embedding (SPEC 6.9), computed from un-augmented training images.
+"""Whitening initialisation of the patch embedding (reference §6.9), computed from un-augmented training images.
 
 The reference uses augmented images, an uncentred second moment, and sets only the first c*k*k filters
-(SPEC bug 3). Here the images are the first `n_images` of the training set without augmentation (so every
+(reference §12.3). Here the images are the first `n_images` of the training set without augmentation (so every
 process computes the same filters), the covariance is centred and the bias removes the patch mean, so the
 whitened channels have zero mean and identity covariance on the data they were fitted on.
 """
