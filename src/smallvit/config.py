@@ -91,7 +91,7 @@ class AugConfig:
     erase_p: float = 0.25
     erase_area: tuple[float, float] = (0.02, 0.4)
     erase_min_aspect: float = 0.3
-    erase_log_aspect: bool = True  # the reference samples the aspect uniformly (reference §5.3.3); standard is log-uniform
+    erase_log_aspect: bool = True  # the reference: uniform aspect (reference §5.3.3); standard is log-uniform
     # reference: raw dataset mean in normalised space
     erase_fill: Literal["reference", "zero", "noise"] = "reference"
     mixup: bool = True  # README column "-mixup"
@@ -121,7 +121,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    decay_all: bool = True  # the reference decays every tensor (reference §12.13); False: no decay on what no_decay names
+    decay_all: bool = True  # the reference decays every tensor (§12.13); False: no decay on what no_decay names
     # With decay_all=false, the tensors without weight decay: 1d-tokens (1-D tensors, cls_token, pos_embed and the
     # model's no_weight_decay()) | 1d (biases and 1-D tensors only: DINO's get_params_groups, the parent's
     # utils/utils_ssl.py 616-626, which decays cls_token and pos_embed)

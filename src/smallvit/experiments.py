@@ -10,7 +10,7 @@ from __future__ import annotations
 from .config import Config, ConfigError, apply_overrides
 from .datasets import DATASETS
 
-# The reference's other backbones at its shapes for 32-px input (reference §11): the rest of the recipe is the baseline's.
+# The reference's other backbones at its shapes for 32-px input (reference §11); the rest is the baseline's recipe.
 # Above 32 px the reference uses patch 4 (swin) and 8 (cait): add model.patch_size.
 SWIN = {"model.arch": "swin", "model.embed_dim": 96, "model.patch_size": 2}
 CAIT = {"model.arch": "cait", "model.depth": 24, "model.num_heads": 4, "model.class_attn_depth": 2}
@@ -88,7 +88,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # The backbones of reference §11 at the paper's recipe.
     "swin": SWIN,
     "cait": CAIT,
-    # reference §5.1 and the AutoAugment decision of reference §12.19 (docs/backbones-and-datasets.md): Tiny-ImageNet is a
+    # reference §5.1 and the AutoAugment decision of §12.19 (docs/backbones-and-datasets.md): Tiny-ImageNet is a
     # subset of ImageNet, so it keeps the reference's ImageNet policy; CINIC-10 is CIFAR-10's classes at 32 px
     # (CIFAR-10's images plus ImageNet ones downsampled), so it takes the CIFAR-10 policy, not the reference's ImageNet.
     "tinyimagenet": {**dataset_preset("tinyimagenet"), "aug.autoaugment": "imagenet"},

@@ -1,6 +1,6 @@
 """Datasets published as one archive of image files: Tiny-ImageNet (a zip of JPEGs) and CINIC-10 (a tar.gz of PNGs).
 
-Layouts, as the official archives unpack (reference §5.1; the reference needed them rearranged, reference §5.2, not here):
+Layouts, as the official archives unpack (reference §5.1; the reference needed them rearranged, §5.2, not here):
   tiny-imagenet-200/  wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG + val/val_annotations.txt
   cinic-10/           train/<class>/*.png, valid/<class>/*.png, test/<class>/*.png
 Each archive's facts (url, md5, split folders, image counts, the paths that mark an unpacked folder) are its record
