@@ -1,15 +1,16 @@
 """Training throughput of smallvit's step against the standard PyTorch stack, on one device, in one run.
 
-smallvit:  uint8 data on the device, BatchAugment (the full recipe), bf16 autocast on CUDA, fused AdamW on CUDA,
-           optionally torch.compile; the loss is summed on the device, so the step never waits for the host.
+smallvit:  `smallvit.train()` itself, stopped by train.max_steps after the warm-up and measured steps and timed
+           between the calls of its step_hook: uint8 data on the device, BatchAugment (the full recipe), bf16
+           autocast on CUDA, fused AdamW on CUDA, optionally torch.compile (train.compile, train.compile_mode).
 standard:  torchvision's per-image PIL pipeline (crop, flip, AutoAugment, ToTensor, Normalize, RandomErasing) in a
            DataLoader with worker processes, timm's VisionTransformer, timm Mixup/CutMix + SoftTargetCrossEntropy,
            torch AdamW, fp32 (as the reference ran) and optionally bf16.
 loader:    the standard DataLoader alone (images to the device, no model): the ceiling of the standard stack.
 
-Timing: the device is synchronised before every clock read; the first step (compilation, lazy initialisation) and
-the warm-up are reported apart from the steady state. TFLOP/s counts 3x the forward FLOPs per image (forward +
-backward), the usual model-FLOPs convention. See docs/gpu.md.
+Timing: the device is synchronised before every clock read; the first step (with train()'s set-up, compilation,
+lazy initialisation) and the warm-up are reported apart from the steady state. TFLOP/s counts 3x the forward FLOPs
+per image (forward + backward), the usual model-FLOPs convention. See docs/gpu.md.
 
     python benchmarks/bench_gpu.py --compile --standard-precision fp32 bf16 --out benchmarks/results/gpu.md
     python benchmarks/bench_gpu.py --quick                      # a CPU smoke run of the same code, < 2 minutes
@@ -20,30 +21,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checkout's smallvit, installed or not
+from bench_pretrain import random_cifar10
 from timing import sync
 
-from smallvit.augment import BatchAugment
 from smallvit.config import COMPILE_MODES, parse_overrides
 from smallvit.experiments import make_config
-from smallvit.data import DataError, load
+from smallvit.data import DataError, load, verify
 from smallvit.datasets import DATASETS
-from smallvit.backbones import build_model
-from smallvit.model import count_params, flops_per_image
-from smallvit.optim import build_optimizer, schedule_factor, set_lr
+from smallvit.model import count_params
 from smallvit.runs import device_name, read_metrics
-from smallvit.train import chunk_steps
+from smallvit.train import chunk_steps, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -55,6 +55,8 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.
 SYNC_STEPS = 8
 # --quick: the quick preset's model, applied to both stacks, so the CPU run finishes in about a minute.
 QUICK_MODEL = {"model.embed_dim": 96, "model.depth": 4, "model.num_heads": 4}
+# Test images of the evaluation that ends every train() call (after the timed steps; not measured).
+EVAL_IMAGES = 500
 
 
 def _autocast(dev: torch.device, precision: str):
@@ -64,10 +66,11 @@ def _autocast(dev: torch.device, precision: str):
 
 
 def timed(step, warmup: int, steps: int, dev: torch.device) -> dict:
-    """Run step(i) for warm-up then measured steps; seconds of the first step, of the warm-up, of the steady state."""
+    """Run step(i) for warm-up then measured steps; seconds of the first step, of the warm-up, of the steady state
+    (the standard stack and the loader; smallvit's rows are timed inside train(), bench_smallvit)."""
     sync(dev)
     t0 = time.perf_counter()
-    step(0)  # compilation, lazy CUDA/cuDNN initialisation, worker start-up
+    step(0)  # lazy CUDA/cuDNN initialisation, worker start-up
     sync(dev)
     t1 = time.perf_counter()
     for i in range(1, warmup):
@@ -81,10 +84,13 @@ def timed(step, warmup: int, steps: int, dev: torch.device) -> dict:
     return {"first_s": t1 - t0, "warmup_s": t2 - t1, "steady_s": t3 - t2, "steps": steps}
 
 
+def _is_sync_warning(w) -> bool:
+    return "synchroniz" in str(w.message)
+
+
 def count_syncs(step, first: int, n: int, dev: torch.device) -> float | None:
-    """Host-device synchronisations per step over steps first .. first + n - 1 (CUDA's sync-debug mode); None off
-    CUDA. For smallvit, `first` is a chunk boundary and n the chunk's steps, so the augmentation call is counted
-    once per chunk, as in training."""
+    """Host-device synchronisations per step of the standard stack over steps first .. first + n - 1 (CUDA's
+    sync-debug mode); None off CUDA."""
     if dev.type != "cuda":
         return None
     sync(dev)
@@ -97,7 +103,7 @@ def count_syncs(step, first: int, n: int, dev: torch.device) -> float | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sync(dev)
-    return sum("synchroniz" in str(w.message) for w in caught) / n
+    return sum(map(_is_sync_warning, caught)) / n
 
 
 @contextlib.contextmanager
@@ -155,72 +161,83 @@ def _reset_mem(dev: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def training_data(data_dir: str, n_random: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """CIFAR-10 train as uint8 (N, 3, 32, 32) and labels on the CPU, or random images when the files are absent."""
+@contextlib.contextmanager
+def cifar10_dir(data_dir: str, n_random: int):
+    """Yield (folder, source): data_dir when it holds CIFAR-10 (md5-checked), else a temporary folder of random
+    uint8 images in CIFAR-10's files (the same work per image), whose md5s smallvit's dataset registry accepts until
+    the block ends."""
     try:
-        x, y = load("cifar10", data_dir, download=False, train=True)
-        return x, y, f"CIFAR-10 train ({len(x):,} images) from {data_dir}"
+        verify("cifar10", Path(data_dir), download=False)
     except DataError as e:
         print(f"real data unavailable ({str(e).splitlines()[0]}); using random images", file=sys.stderr)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n_random, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return x, torch.randint(0, 10, (n_random,), generator=g), f"random uint8 images ({n_random:,})"
+    else:
+        yield data_dir, f"CIFAR-10 from {data_dir}"
+        return
+    record = DATASETS["cifar10"]
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            random_cifar10(Path(scratch), n_random)
+            yield scratch, f"random uint8 images ({5 * -(-n_random // 5):,}) in CIFAR-10's files"
+        finally:
+            DATASETS["cifar10"] = record
 
 
-# ---- smallvit: the training step of smallvit.train
+# ---- smallvit: smallvit.train() itself, timed at its step_hook
 
 
-def bench_smallvit(cfg, x_cpu, y_cpu, dev, B, precision, compile_, warmup, steps, compile_mode="default") -> dict:
-    """The step of smallvit.train: device-resident uint8 data, BatchAugment on aug.chunk_images images per call
-    (per-step mixing), the (compiled) model, fused AdamW."""
-    info = DATASETS[cfg.data.dataset]
+def bench_smallvit(overrides: dict, data_dir: str, dev: torch.device, B: int, precision: str, compile_mode: str,
+                   warmup: int, steps: int) -> dict:
+    """One row: train() in a run folder of its own, stopped by train.max_steps, timed at its step_hook (the device
+    synchronised before each clock read): the first step (with train()'s set-up), steps 2 .. warmup, then `steps`
+    measured ones. On CUDA it goes on to the end of the next whole augmentation chunk, whose host syncs the hook
+    counts (the augmentation call once per chunk, as in training). The closing evaluation is not timed."""
+    measured = warmup + steps
+    K = chunk_steps(make_config("baseline", overrides).aug.chunk_images, B, dev)
+    first = -(-measured // K) * K  # the next chunk boundary
+    count = dev.type == "cuda"
+    last = first + K if count else measured
+    cfg = make_config("baseline", {
+        "data.test_subset": EVAL_IMAGES, **overrides, "data.data_dir": data_dir, "data.download": False,
+        "train.batch_size": B, "train.device": str(dev), "train.precision": precision, "train.max_steps": last,
+        "train.compile": compile_mode != "no", "train.compile_mode": {"no": "default"}.get(compile_mode, compile_mode),
+        "train.log_every_steps": last, "train.eval_every_epochs": 0, "train.checkpoint_every_steps": 0,
+        "train.checkpoint_every_seconds": 0, "train.progress": False})
+    clock, caught, window = {}, [], contextlib.ExitStack()
+
+    def hook(step: int) -> None:  # after every optimiser step; `step` steps done
+        if step in (1, warmup, measured):
+            sync(dev)
+            clock[step] = time.perf_counter()
+        if count and step == first:
+            caught.append(window.enter_context(warnings.catch_warnings(record=True)))
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif count and step == last:
+            torch.cuda.set_sync_debug_mode("default")
+            window.close()
+
+    torch._dynamo.reset()  # each row compiles afresh, in its own first step
     _reset_mem(dev)
-    x_u8, y = x_cpu.to(dev), y_cpu.to(dev)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).to(dev)
-    opt = build_optimizer(model, cfg.optim, dev)
-
-    def forward_loss(xb, tb):  # as train.py (one process): model and loss in one compiled graph
-        with _autocast(dev, precision):
-            logits = model(xb)
-        return torch.sum(-tb * F.log_softmax(logits.float(), dim=1), dim=1).mean()
-
-    step_loss = torch.compile(forward_loss, mode=None if compile_mode == "default" else compile_mode) if compile_ \
-        else forward_loss
-    aug = BatchAugment(cfg.aug, info.mean, info.std, cfg.model.num_classes, cfg.train.label_smoothing, dev)
-    K = chunk_steps(cfg.aug.chunk_images, B, dev)
-    perm = torch.randperm(len(x_u8), device=dev)  # shuffled indices held on the device, sliced per chunk
-    loss_sum = torch.zeros((), device=dev)
-    span = len(x_u8) - K * B + 1
-    chunk = {}
-
-    def step(i):
-        c, j = divmod(i, K)
-        if chunk.get("c") != c:
-            idx = perm[(c * K * B) % span:][: K * B]
-            chunk.update(c=c, x=aug.images(x_u8.index_select(0, idx), c), y=y.index_select(0, idx))
-        torch.manual_seed(i)  # as train.py: drop path reseeded per step (a host-side call, no sync)
-        set_lr(opt, schedule_factor(i, 100_000, 1_000, cfg.optim))
-        xb, tb = aug.targets(chunk["x"][j * B:(j + 1) * B], chunk["y"][j * B:(j + 1) * B], i)
-        loss = step_loss(xb, tb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum.add_(loss.detach())  # metrics stay on the device: no host sync in the step
-
-    with cudagraph_skips() as skipped:
-        r = timed(step, warmup, steps, dev)
-    first = -(-(warmup + steps) // K) * K  # the next chunk boundary: count over one whole chunk
-    r["syncs"] = count_syncs(step, first, K, dev)
-    r["sync_steps"] = K
-    if compile_ and compile_mode in ("reduce-overhead", "max-autotune"):
+    with tempfile.TemporaryDirectory() as tmp, cudagraph_skips() as skipped:
+        sync(dev)
+        t0 = time.perf_counter()
+        try:
+            result = train(cfg, Path(tmp) / "run", step_hook=hook)
+        finally:
+            if count:
+                torch.cuda.set_sync_debug_mode("default")
+            window.close()
+        losses = [r["loss"] for r in read_metrics(Path(tmp) / "run") if "loss" in r]
+    if result["step"] != last:
+        raise RuntimeError(f"train() stopped at step {result['step']} ({result['status']}) of the {last} to measure")
+    r = {"first_s": clock[1] - t0, "warmup_s": clock[warmup] - clock[1], "steady_s": clock[measured] - clock[warmup],
+         "steps": steps, "syncs": sum(map(_is_sync_warning, caught[0])) / K if count else None, "sync_steps": K,
+         "loss_ok": bool(losses) and all(map(math.isfinite, losses)), "mem": _peak_mem(dev),
+         "fwd_flops": result["flops_per_image"], "params": result["params"]}
+    if compile_mode in ("reduce-overhead", "max-autotune"):
         # Inductor bumps the counter without a logged reason for graphs with no GPU device.
         r["cudagraph_skips"] = skipped["skips"]
         r["cudagraph_reasons"] = skipped["reasons"] or (["no CUDA device"] if dev.type != "cuda" else [])
-    r["loss_ok"] = bool(torch.isfinite(loss_sum))
-    r["mem"] = _peak_mem(dev)
-    r["fwd_flops"] = flops_per_image(model)
-    r["params"] = count_params(model)
     return r
 
 
@@ -425,25 +442,25 @@ def run_throughput(a, overrides: dict, dev: torch.device) -> str:
     B = a.batch or cfg.train.batch_size
     if B % 2:
         raise SystemExit("--batch must be even (timm's Mixup pairs the batch with its reverse)")
-    K = chunk_steps(cfg.aug.chunk_images, B, dev)
-    chunk = K * B  # images per augmentation call, as train.py
-    x, y, source = training_data(a.data_dir, max(4 * B, 2048, chunk + B))
-    if len(x) < B:
-        raise SystemExit(f"--batch {B} is larger than the {len(x)} training images")
-    if len(x) < chunk:
-        raise SystemExit(f"aug.chunk_images is larger than the {len(x)} training images; --set aug.chunk_images=N")
+    K = chunk_steps(cfg.aug.chunk_images, B, dev)  # steps per augmentation call, as train.py
+    with cifar10_dir(a.data_dir, max(4 * B, 2048, K * B + B)) as (data_dir, source):
+        return _throughput(a, overrides, cfg, dev, B, K, data_dir, source)
+
+
+def _throughput(a, overrides: dict, cfg, dev: torch.device, B: int, K: int, data_dir: str, source: str) -> str:
     precision = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     drain = a.warmup + 2 * a.workers  # the workers' prefetched batches are consumed in the warm-up
     jobs = []
     if "smallvit" in a.stacks:
         for mode in ["no"] + (a.compile_modes if a.compile else []):
             jobs.append(({"stack": "smallvit", "precision": precision, "compile": mode, "workers": "-", "device": dev},
-                         lambda mode=mode: {"batch": B, **bench_smallvit(cfg, x, y, dev, B, precision, mode != "no",
-                                                                         a.warmup, a.steps, mode)}))
+                         lambda mode=mode: {"batch": B, **bench_smallvit(overrides, data_dir, dev, B, precision, mode,
+                                                                         a.warmup, a.steps)}))
     loader = {}
 
     def with_loader(fn):  # one DataLoader for the loader and standard rows, built by the first that needs it
         if "it" not in loader:
+            x, y = load("cifar10", data_dir, download=False, train=True)
             loader["it"] = standard_loader(x, y, B, a.workers, cfg.model.img_size, pin=dev.type == "cuda")
         return {"batch": B, **fn(loader["it"])}
 
@@ -481,7 +498,9 @@ def report(a, cfg, B: int, K: int, source: str, dev, peak, peak_src: str, rows: 
         f"- batch {B}; {a.warmup} warm-up steps (standard/loader: {a.warmup + 2 * a.workers}, to drain the "
         f"prefetch buffer), {a.steps} measured steps; data: {source}",
         f"- peak: {_fmt(peak, '.0f')} TFLOP/s ({peak_src}); TFLOP/s = 3 x forward FLOPs x img/s",
-        f"- first step: includes torch.compile, lazy initialisation and (standard) worker start-up; "
+        "- smallvit: `smallvit.train()` itself (train.max_steps), timed at its step_hook; first step: includes "
+        "train()'s set-up (data to the device, the model), torch.compile, lazy initialisation and (standard) worker "
+        "start-up; "
         f"host syncs/step: CUDA sync-debug warnings per step over one whole augmentation chunk ({K} steps of "
         f"smallvit) or {SYNC_STEPS} steps (standard), n/a off CUDA; notes: Inductor's cudagraph-skip counter for "
         f"the compile modes that use CUDA graphs",

@@ -10,7 +10,7 @@
 # baseline recipe with time to 90 / 93 / 93.5 % (stopped cleanly after RECIPE_SECONDS, default 540; run it again to
 # resume where it stopped).
 #
-# SMOKE=1 runs every command at toy size on the CPU (a minute or two), to check the script itself without a GPU.
+# SMOKE=1 runs every command at toy size on the CPU (about 4 minutes on 2 cores), to check the script without a GPU.
 set -uo pipefail
 DATA="${1:?folder holding cifar-10-batches-py}"
 OUT="${2:?folder for the result tables}"

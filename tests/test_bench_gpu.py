@@ -25,6 +25,14 @@ def test_rows_are_written_as_they_finish_and_a_failed_row_is_kept(tmp_path, monk
         raise RuntimeError("CUDA error: out of memory\nwith a long traceback")
 
     monkeypatch.setattr(bench_gpu, "bench_loader", failing_loader)
+    runs, real_train, record = [], bench_gpu.train, bench_gpu.DATASETS["cifar10"]
+
+    def spy(cfg, out_dir, resume=False, step_hook=None):  # the smallvit row is smallvit.train() itself
+        t = cfg.train
+        runs.append((t.max_steps, t.checkpoint_every_seconds, t.eval_every_epochs, t.progress, step_hook is not None))
+        return real_train(cfg, out_dir, resume, step_hook=step_hook)
+
+    monkeypatch.setattr(bench_gpu, "train", spy)
     bench_gpu.main(["--quick", "--stacks", "smallvit", "loader", "standard", "--workers", "0", "--steps", "2",
                     "--warmup", "1", "--batch", "16", "--data-dir", str(tmp_path / "none"), "--device", "cpu",
                     "--set", "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "aug.chunk_images=32",
@@ -37,6 +45,8 @@ def test_rows_are_written_as_they_finish_and_a_failed_row_is_kept(tmp_path, monk
     assert "FAILED" not in rows[0] and "FAILED" not in rows[2]  # the run went on after the failure
     assert float(rows[2].split(" | ")[6].replace(",", "")) > 0  # steady img/s of the standard row
     assert "3 written as each finished, 1 failed" in text
+    assert runs == [(3, 0, 0, False, True)]  # 1 warm-up + 2 measured steps, timed at the hook
+    assert bench_gpu.DATASETS["cifar10"] is record  # the random images' md5s were accepted only while it ran
 
 
 def test_cudagraph_skips_are_counted():
