@@ -107,7 +107,7 @@ def without_kernels(fn):
 
 
 def pil_pipeline() -> T.Compose:
-    """The reference's per-image training transform (SPEC 5.3), built from standard torchvision parts."""
+    """The reference's per-image training transform (reference §5.3), built from standard torchvision parts."""
     return T.Compose([
         T.RandomCrop(32, padding=4),
         T.RandomHorizontalFlip(),

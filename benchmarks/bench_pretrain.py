@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="steps per row (the first is not timed)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for both rows")
     ap.add_argument("--gpu-train-img-s", type=float, default=3200.0,
-                    help="assumed supervised GPU img/s (default: the reference's baseline run, SPEC 4)")
+                    help="assumed supervised GPU img/s (default: the reference's baseline run, reference §4)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak (default: H200 dense BF16)")
     ap.add_argument("--mfu", type=float, default=0.2, help="assumed fraction of the peak reached")
     ap.add_argument("--only", choices=["pretrain"], default=None, help="measure the DINO row alone")
