@@ -121,19 +121,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, len(x_train))
 
     # ---- model and optimiser
-    torch.manual_seed(t.seed)
-    model = build_model(m).to(device)
-    if m.patch_init == "whiten":  # from un-augmented images, so every rank computes the same filters
-        from .whiten import whiten_patch_embed
-
-        whiten_patch_embed(model.patch_embed, x_train[: m.whiten_images], info.mean, info.std, m.whiten_filters,
-                           seed=t.seed)
-    init_report = None
-    # A resumed run's weights come from its checkpoint (rank 0 looks: the others need not share its filesystem).
-    if t.init_from and not dist_.on_rank0(lambda: resume and (out / CHECKPOINT).is_file(), world):
-        weights, kind = dist_.on_rank0(lambda: pretrained.read_state_dict(t.init_from), world)
-        init_report = pretrained.apply_state_dict(model, weights, t.init_strict, t.init_from, kind)
-        del weights
+    model, init_report = initial_model(cfg, x_train, info, device, world,
+                                       from_checkpoint=resume and (out / CHECKPOINT).is_file())
     n_params, flops = count_params(model), flops_per_image(model)
     opt = build_optimizer(model, o, device)
     ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema_decay else None  # what evaluations score
@@ -141,21 +130,8 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     autocast = autocast_of(precision, device)
 
     # ---- resume
-    step, best_acc, history, pending, decision = 0, 0.0, [], (0.0, 0), None
-    state = resume_state(out, cfg, device, resume, world)
-    if state is not None:
-        load_model_state(model, state["model"], str(out / CHECKPOINT))
-        opt.load_state_dict(state["optimizer"])
-        match_device(opt, device)  # a CPU checkpoint resumed on CUDA runs fused again
-        if ema is not None:
-            load_model_state(ema.module, state["model_ema"], str(out / CHECKPOINT))
-        step, best_acc, history = state["step"], state["best_acc"], state.get("history", [])
-        decision = budget.from_dict(state["budget"]) if state.get("budget") else None
-        clock.resume(state)
-        # The loss since the last log line, summed over ranks: the logged curve of a resumed run is the
-        # uninterrupted one's (rank 0 carries it).
-        pending = state.get("pending_loss", (0.0, 0)) if main else (0.0, 0)
-        del state
+    step, best_acc, history, pending, decision = restore(resume_state(out, cfg, device, resume, world), out, model,
+                                                         opt, ema, clock, device, main)
     if decision is not None:  # the time budget's step count, as decided when the run began
         spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, len(x_train), decision.total_steps)
     decide_at = budget.measure_steps(warmup_steps) if t.time_budget_s and decision is None else None
@@ -163,27 +139,13 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
         print(f"time budget {t.time_budget_s:.0f} s: the step rate is measured over the first {decide_at} steps, "
               f"then the run fixes how many steps fit (at most {total_steps}, train.epochs={t.epochs})", flush=True)
     ckpts = Checkpoints(out, step if resume and step else None)
-    ddp_model = model
-    if world > 1:
-        draw_for_global_batch(model, D.Shard(t.batch_size, rank, world))  # drop path as in one process
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                                              else None)
-
-    def forward_loss(net, xb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            logits = net(xb)
-        return torch.sum(-tb * F.log_softmax(logits.float(), dim=1), dim=1).mean()  # soft-target CE, in fp32
-
-    step_loss = functools.partial(forward_loss, ddp_model)
-    if t.compile:  # compile time lands in the first step, which is not timed (Clock)
-        mode = compile_mode(cfg, world, main)
-        if world > 1:  # torch.compile's DDP support works on the wrapped module (graph breaks at gradient buckets)
-            step_loss = functools.partial(forward_loss, torch.compile(ddp_model, mode=mode))
-        else:  # model and loss in one graph (and its backward in one more)
-            step_loss = torch.compile(step_loss, mode=mode)
+    step_loss = loss_function(cfg, model, autocast, rank, world, device)
     shard = D.Shard(t.batch_size, rank, world)  # this rank's slice of every global batch
     augment = BatchAugment(a, info.mean, info.std, m.num_classes, t.label_smoothing, device, seed=t.seed,
                            shard=shard, gather=functools.partial(dist_.gather_batch, world=world))
+    batches = AugmentedChunks(augment, x_train, y_train, BatchOrder(cfg, len(x_train), spe, rank, world, device),
+                              chunk_steps(a.chunk_images, t.batch_size, device, x_train[0].numel()),
+                              t.batch_size // world)
     records = start_records(out, cfg, device, main, resume, step,
                             sinks=[wandb_log.WandbSink(cfg, out)] if main and t.wandb_project else [])
     if main and init_report is not None:
@@ -199,13 +161,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                             "class_names": list(info.class_names)}}
 
     # ---- the loop
-    per_rank = t.batch_size // world
     loss_sum, loss_count = torch.tensor(float(pending[0]), device=device), int(pending[1])
-    batch_indices = BatchOrder(cfg, len(x_train), spe, rank, world, device)
-    # Global batches per augmentation call, counted in global images so the chunks (and their keys) are the same
-    # on any number of processes; each rank augments its slices of them.
-    aug_steps = chunk_steps(a.chunk_images, t.batch_size, device, x_train[0].numel())
-    chunk = (-1, None, None)  # (chunk index, augmented images, labels) of the current aug_steps steps
     check, due, stopping = check_each_step(device, t.on_nonfinite), CheckpointClock(t.checkpoint_every_seconds), False
     stages = res_stages(t.res_schedule)  # progressive resizing: (size, until fraction of the steps)
     scored = ema.module if ema is not None else model  # the weights evaluations score
@@ -213,15 +169,10 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     bar = progress_bar(main, cfg, last_step, step)
     try:
         while step < last_step:
-            c, j = divmod(step, aug_steps)
-            if chunk[0] != c:  # per-sample augmentation of aug_steps batches at once, keyed by the chunk index
-                idx = torch.cat([batch_indices(s) for s in range(c * aug_steps, min((c + 1) * aug_steps,
-                                                                                   total_steps))])
-                chunk = (c, augment.images(x_train.index_select(0, idx), c), y_train.index_select(0, idx))
+            images, labels = batches(step, total_steps)  # this rank's augmented images of the step's batch
             torch.manual_seed(dist_.step_seed(t.seed, step))  # drop path: a pure function of (seed, step)
             lr = set_lr(opt, schedule_factor(step, total_steps, warmup_steps, o))
-            xb, tb = augment.targets(chunk[1][j * per_rank : (j + 1) * per_rank],
-                                     chunk[2][j * per_rank : (j + 1) * per_rank], step)
+            xb, tb = augment.targets(images, labels, step)  # Mixup/CutMix, keyed by the step
             if stages:
                 xb = resize(xb, resolution_at(step, total_steps, stages, m.img_size))
             with record_function("forward"):  # named ranges for `smallvit profile` (~6 us each otherwise)
@@ -251,11 +202,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                 spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, len(x_train),
                                                                                   decision.total_steps)
                 if main:
-                    atomic_write_json(out / "budget.json", decision.to_dict())
-                    (bar.write if bar is not None else print)(decision.line())
-                    if bar is not None:
-                        bar.total = last_step
-                        bar.refresh()
+                    announce_budget(decision, out, bar)
             log_now = step % t.log_every_steps == 0 or step == last_step
             save_now = step in eval_steps or (t.checkpoint_every_steps > 0 and step % t.checkpoint_every_steps == 0)
             stopping = world == 1 and stop["signal"] is not None
@@ -277,17 +224,10 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                 continue
             clock.pause()  # evaluation and checkpoint time is not training time
             if step in eval_steps:  # rank 0 evaluates; the others wait for its numbers
-                acc, eval_loss = dist_.on_rank0(lambda: evaluate_(x_eval, y_eval), world)
-                best_acc = max(best_acc, acc)
-                scores = {f"{split}_acc": acc, f"{split}_loss": eval_loss}
-                if split == "val" and step == last_step:  # the only look at the test set
-                    scores["test_acc"], scores["test_loss"] = dist_.on_rank0(lambda: evaluate_(x_test, y_test), world)
-                times = {"train_seconds": clock.timed, "wall_seconds": clock.wall()}  # wall: with loading, evals
-                history.append({"step": step, "epoch": step / spe, **scores, **times})
-                records.log(step, **scores, epoch=step / spe, **times)
-                if bar is not None:
-                    shown = (f"{k.replace('_', ' ')} {v:.2f}%" for k, v in scores.items() if k.endswith("acc"))
-                    bar.write(f"step {step} epoch {step / spe:.2f}: {'  '.join(shown)}  {split} loss {eval_loss:.4f}")
+                test = (x_test, y_test) if split == "val" and step == last_step else None  # the only look at it
+                scores = scored_step(evaluate_, split, (x_eval, y_eval), test, world)
+                best_acc = max(best_acc, scores[f"{split}_acc"])
+                record_scores(step, spe, scores, clock, history, records, bar)
             ckpts.save(step, model.parameters, checkpoint_state, world, device)
             due.saved()
             clock.go()
@@ -313,6 +253,74 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
                       flops_per_image=flops)
 
 
+def restore(state: dict | None, out: Path, model, opt, ema, clock: Clock, device: torch.device, main: bool):
+    """(step, best accuracy, history, the loss since the last log line, the time budget's decision): a fresh run's,
+    or the checkpoint's, whose weights, optimiser state, EMA and clock are loaded here."""
+    if state is None:
+        return 0, 0.0, [], (0.0, 0), None
+    load_model_state(model, state["model"], str(out / CHECKPOINT))
+    opt.load_state_dict(state["optimizer"])
+    match_device(opt, device)  # a CPU checkpoint resumed on CUDA runs fused again
+    if ema is not None:
+        load_model_state(ema.module, state["model_ema"], str(out / CHECKPOINT))
+    clock.resume(state)
+    # The loss since the last log line, summed over ranks: the logged curve of a resumed run is the uninterrupted
+    # one's (rank 0 carries it).
+    pending = state.get("pending_loss", (0.0, 0)) if main else (0.0, 0)
+    decision = budget.from_dict(state["budget"]) if state.get("budget") else None
+    return state["step"], state["best_acc"], state.get("history", []), pending, decision
+
+
+def forward_loss(net, autocast, xb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+    with autocast():
+        logits = net(xb)
+    return torch.sum(-tb * F.log_softmax(logits.float(), dim=1), dim=1).mean()  # soft-target CE, in fp32
+
+
+def loss_function(cfg: Config, model, autocast, rank: int, world: int, device: torch.device):
+    """loss(images, soft targets) of the network under torchrun's DDP (drop path drawn as in one process) and
+    torch.compile (train.compile; its time lands in the first step, which is not timed)."""
+    net = model
+    if world > 1:
+        draw_for_global_batch(model, D.Shard(cfg.train.batch_size, rank, world))  # drop path as in one process
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if not cfg.train.compile:
+        return functools.partial(forward_loss, net, autocast)
+    mode = compile_mode(cfg, world, rank == 0)
+    if world > 1:  # torch.compile's DDP support works on the wrapped module (graph breaks at gradient buckets)
+        return functools.partial(forward_loss, torch.compile(net, mode=mode), autocast)
+    return torch.compile(functools.partial(forward_loss, net, autocast), mode=mode)  # model and loss in one graph
+
+
+def scored_step(evaluate_, split: str, data, test, world: int) -> dict:
+    """An evaluation's scores: `split` (val or test), and the test set too when `test` is given; rank 0 computes."""
+    acc, loss = dist_.on_rank0(lambda: evaluate_(*data), world)
+    scores = {f"{split}_acc": acc, f"{split}_loss": loss}
+    if test is not None:
+        scores["test_acc"], scores["test_loss"] = dist_.on_rank0(lambda: evaluate_(*test), world)
+    return scores
+
+
+def record_scores(step: int, spe: int, scores: dict, clock: Clock, history: list, records, bar) -> None:
+    """An evaluation into the history (the checkpoint's), metrics.jsonl and the progress bar, with its times."""
+    times = {"train_seconds": clock.timed, "wall_seconds": clock.wall()}  # wall: with loading and evaluations
+    history.append({"step": step, "epoch": step / spe, **scores, **times})
+    records.log(step, **scores, epoch=step / spe, **times)
+    if bar is not None:
+        shown = (f"{k.replace('_', ' ')} {v:.2f}%" for k, v in scores.items() if k.endswith("acc"))
+        loss = next(v for k, v in scores.items() if k.endswith("loss"))
+        bar.write(f"step {step} epoch {step / spe:.2f}: {'  '.join(shown)}  {next(iter(scores))[:-4]} loss {loss:.4f}")
+
+
+def announce_budget(decision: budget.Decision, out: Path, bar) -> None:
+    """Rank 0: the decision into the run folder (budget.json) and onto the console; the bar's new length."""
+    atomic_write_json(out / "budget.json", decision.to_dict())
+    (bar.write if bar is not None else print)(decision.line())
+    if bar is not None:
+        bar.total = decision.total_steps
+        bar.refresh()
+
+
 def plan_budget(cfg: Config, clock: Clock, step: int, spe: int, evaluate_, x_eval, y_eval,
                 test_images: int) -> budget.Decision:
     """train.time_budget_s: the measured seconds per step (the timed steps so far), an evaluation's cost measured
@@ -330,6 +338,45 @@ def plan_budget(cfg: Config, clock: Clock, step: int, spe: int, evaluate_, x_eva
                              t.epochs * spe, spe)
     clock.go()
     return decision
+
+
+def initial_model(cfg: Config, x_train: torch.Tensor, info, device: torch.device, world: int,
+                  from_checkpoint: bool) -> tuple[torch.nn.Module, dict | None]:
+    """The network before its first step: built from the seed, its patch embedding whitened (model.patch_init), its
+    weights from train.init_from unless a checkpoint will replace them; and the init_from report."""
+    m, t = cfg.model, cfg.train
+    torch.manual_seed(t.seed)
+    model = build_model(m).to(device)
+    if m.patch_init == "whiten":  # from un-augmented images, so every rank computes the same filters
+        from .whiten import whiten_patch_embed
+
+        whiten_patch_embed(model.patch_embed, x_train[: m.whiten_images], info.mean, info.std, m.whiten_filters,
+                           seed=t.seed)
+    report = None
+    # A resumed run's weights come from its checkpoint (rank 0 looks: the others need not share its filesystem).
+    if t.init_from and not dist_.on_rank0(lambda: from_checkpoint, world):
+        weights, kind = dist_.on_rank0(lambda: pretrained.read_state_dict(t.init_from), world)
+        report = pretrained.apply_state_dict(model, weights, t.init_strict, t.init_from, kind)
+    return model, report
+
+
+class AugmentedChunks:
+    """The per-sample augmentation of `steps` global batches at once (aug.chunk_images: fewer, larger calls),
+    keyed by the chunk index, so a resumed run recomputes the chunk it resumes in whole. Counted in global images,
+    the chunks (and their keys) are the same on any number of processes; each rank augments its slices of them."""
+
+    def __init__(self, augment: BatchAugment, x: torch.Tensor, y: torch.Tensor, order: BatchOrder, steps: int,
+                 per_rank: int):
+        self.augment, self.x, self.y, self.order, self.steps, self.per_rank = augment, x, y, order, steps, per_rank
+        self.chunk = (-1, None, None)  # (chunk index, augmented images, labels)
+
+    def __call__(self, step: int, total_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c, j = divmod(step, self.steps)
+        if self.chunk[0] != c:
+            idx = torch.cat([self.order(s) for s in range(c * self.steps, min((c + 1) * self.steps, total_steps))])
+            self.chunk = (c, self.augment.images(self.x.index_select(0, idx), c), self.y.index_select(0, idx))
+        part = slice(j * self.per_rank, (j + 1) * self.per_rank)
+        return self.chunk[1][part], self.chunk[2][part]
 
 
 def chunk_steps(chunk_images: int, batch_size: int, device: torch.device, image_numel: int = 3 * 32 * 32) -> int:
