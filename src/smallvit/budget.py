@@ -5,6 +5,8 @@ measures the seconds per step, then fixes the total number of steps so that the 
 training, evaluations and the final test included) ends within the budget, less a safety margin. Every schedule
 (learning rate, decay, EMA, evaluations) is then defined on that count, and the decision is written to the run
 folder and the checkpoint, so a resumed run continues the same schedule and two runs on one machine can be compared.
+If the machine slows down after the decision, the run ends early (at a log step, with its final evaluation) rather
+than overrun the budget, and result.json says where (`budget_cut_at_step`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ def command_seconds() -> float:
         return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.time() - _IMPORTED
+
+
+_claimed = False  # whether a run in this process has already counted the process's start-up as its own
+
+
+def started_at() -> float:
+    """The perf_counter time a run's budget counts from: the process's start for the first run in a process (the
+    command's imports count), the call itself for later ones (the next run of a study in the same process)."""
+    global _claimed
+    now = time.perf_counter()
+    if _claimed:
+        return now
+    _claimed = True
+    return now - command_seconds()
 
 
 def measure_steps(warmup_steps: int) -> int:
@@ -71,6 +87,15 @@ def decide(budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: 
     total = step + more
     return Decision(budget_s, step, elapsed_s, step_s, eval_s, final_s, margin, max(step, min(total, max_steps)),
                     steps_per_epoch, total >= max_steps)
+
+
+def running_late(decision: Decision, elapsed_s: float, log_every_steps: int) -> bool:
+    """Whether the run must end now to keep its budget: the step count is fixed when the run begins, but a machine
+    that slows down later (another job on the cores) would overrun it. Checked at each log step: late when the
+    wall time so far, one more log interval at the measured rate (half again, for the slowdown) and the final
+    evaluation no longer fit."""
+    interval = 1.5 * log_every_steps * decision.step_s
+    return elapsed_s + interval + decision.final_s + 2.0 >= decision.budget_s
 
 
 def from_dict(d: dict) -> Decision:

@@ -101,6 +101,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, 
 def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: torch.device, stop: dict,
            step_hook=None) -> dict:
     clock = Clock(device)  # wall time includes reading the data and building the model
+    budget_start = budget.started_at()  # train.time_budget_s counts the command's start-up too
     t, m, a = cfg.train, cfg.model, cfg.aug
     o = resolve_lr(cfg.optim, t.batch_size)  # optim.lr as the absolute peak of this global batch
     main = rank == 0
@@ -163,6 +164,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     # ---- the loop
     loss_sum, loss_count = torch.tensor(float(pending[0]), device=device), int(pending[1])
     check, due, stopping = check_each_step(device, t.on_nonfinite), CheckpointClock(t.checkpoint_every_seconds), False
+    cut = 0  # the step where the time budget ended the run early (0: it did not)
     stages = res_stages(t.res_schedule)  # progressive resizing: (size, until fraction of the steps)
     scored = ema.module if ema is not None else model  # the weights evaluations score
     evaluate_ = functools.partial(evaluate, scored, mean=mean, std=std, autocast=autocast, flip=t.eval_flip)
@@ -197,13 +199,21 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
             if bar is not None:
                 bar.update(1)
             if step == decide_at:  # the time budget: how many steps fit, decided once (rank 0 measures)
-                decision = dist_.on_rank0(functools.partial(plan_budget, cfg, clock, step, spe, evaluate_, x_eval,
-                                                            y_eval, len(x_test) if split == "val" else 0), world)
+                decision = dist_.on_rank0(functools.partial(plan_budget, cfg, clock, budget_start, step, spe, evaluate_,
+                                                            x_eval, y_eval, len(x_test) if split == "val" else 0),
+                                          world)
                 spe, total_steps, warmup_steps, last_step, eval_steps = step_plan(cfg, len(x_train),
                                                                                   decision.total_steps)
                 if main:
                     announce_budget(decision, out, bar)
             log_now = step % t.log_every_steps == 0 or step == last_step
+            if log_now and decision is not None and step < last_step and dist_.on_rank0(functools.partial(
+                    budget.running_late, decision, clock.before + time.perf_counter() - budget_start,
+                    t.log_every_steps), world):
+                last_step = cut = step  # the machine slowed down after the decision: end here, evaluated
+                eval_steps.add(step)
+                say(main, bar, f"time budget: the steps run slower than measured; ending at step {step} of "
+                               f"{total_steps} to keep the budget")
             save_now = step in eval_steps or (t.checkpoint_every_steps > 0 and step % t.checkpoint_every_steps == 0)
             stopping = world == 1 and stop["signal"] is not None
             if not (log_now or save_now or stopping):
@@ -246,10 +256,10 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     if split == "val":
         result.update(final_val_acc=final.get("val_acc", float("nan")), best_val_acc=best_acc,
                       val_images=cfg.data.val_images)
-    if decision is not None:
-        result["budget"] = decision.to_dict()
+    if decision is not None:  # a run cut short to keep its budget is done: result.json says where it ended
+        result.update(budget=decision.to_dict(), **({"budget_cut_at_step": cut} if cut else {}))
     return finish_run(cfg, out, result, stopping and step < last_step,  # a signal in the last step: a whole run
-                      step, total_steps, spe, clock, world, precision, stop["signal"], params=n_params,
+                      step, cut or total_steps, spe, clock, world, precision, stop["signal"], params=n_params,
                       flops_per_image=flops)
 
 
@@ -312,16 +322,22 @@ def record_scores(step: int, spe: int, scores: dict, clock: Clock, history: list
         bar.write(f"step {step} epoch {step / spe:.2f}: {'  '.join(shown)}  {next(iter(scores))[:-4]} loss {loss:.4f}")
 
 
+def say(main: bool, bar, text: str) -> None:
+    """A line on rank 0's console, above the progress bar if there is one."""
+    if main:
+        (bar.write if bar is not None else functools.partial(print, flush=True))(text)
+
+
 def announce_budget(decision: budget.Decision, out: Path, bar) -> None:
     """Rank 0: the decision into the run folder (budget.json) and onto the console; the bar's new length."""
     atomic_write_json(out / "budget.json", decision.to_dict())
-    (bar.write if bar is not None else print)(decision.line())
+    say(True, bar, decision.line())
     if bar is not None:
         bar.total = decision.total_steps
         bar.refresh()
 
 
-def plan_budget(cfg: Config, clock: Clock, step: int, spe: int, evaluate_, x_eval, y_eval,
+def plan_budget(cfg: Config, clock: Clock, budget_start: float, step: int, spe: int, evaluate_, x_eval, y_eval,
                 test_images: int) -> budget.Decision:
     """train.time_budget_s: the measured seconds per step (the timed steps so far), an evaluation's cost measured
     on up to 500 images, and the command's wall time so far decide the run's number of steps (budget.decide)."""
@@ -333,7 +349,7 @@ def plan_budget(cfg: Config, clock: Clock, step: int, spe: int, evaluate_, x_eva
     evaluate_(x_eval[:n], y_eval[:n])
     per_image = (time.perf_counter() - start) / n
     evals_per_step = 1.0 / (t.eval_every_epochs * spe) if t.eval_every_epochs else 0.0
-    decision = budget.decide(t.time_budget_s, clock.before + budget.command_seconds(), step, step_s,
+    decision = budget.decide(t.time_budget_s, clock.before + time.perf_counter() - budget_start, step, step_s,
                              per_image * len(x_eval), per_image * (len(x_eval) + test_images), evals_per_step,
                              t.epochs * spe, spe)
     clock.go()
