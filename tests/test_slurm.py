@@ -22,9 +22,9 @@ import torch
 
 from conftest import REPO, smoke_config, use_checksums, write_fake_cifar10
 from smallvit import slurm
-from smallvit.experiments import STUDIES
 from smallvit.cli import main
 from smallvit.config import parse_overrides
+from smallvit.experiments import STUDIES
 from smallvit.runs import load_checkpoint, read_metrics
 from smallvit.train import train
 
@@ -64,7 +64,7 @@ if os.environ.get("SMALLVIT_TEST_SUMS"):
 """
 SETS = ["data.download=false", "data.subset=0", "data.test_subset=0", "train.threads=1", "train.device=cpu"]
 PLAIN = ["aug.crop_pad=0", "aug.flip=false", "aug.autoaugment=none", "aug.erase_p=0", "aug.mixup=false",
-         "aug.cutmix=false", "model.drop_path=0"]  # as test_reliability's torchrun test: 2 ranks = 1 process
+         "aug.cutmix=false", "model.drop_path=0"]  # as test_lifecycle's torchrun test: 2 ranks = 1 process
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_two_tasks_on_one_node_equal_one_process(cluster, capsys, tmp_path):
     assert result["world_size"] == 2 and '"world_size": 2' in out
     wa, wb = load_checkpoint(one)["model"], load_checkpoint(two)["model"]
     for k in wa:
-        if not k.endswith("attn.k.bias"):  # zero true gradient, only rounding noise (see test_reliability.py)
+        if not k.endswith("attn.k.bias"):  # zero true gradient, only rounding noise (see test_lifecycle.py)
             torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
 
 
