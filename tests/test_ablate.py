@@ -31,6 +31,7 @@ def test_budget_scales_the_recipe():
     assert {r[2].model.latent for r in runs if r[0] == "mla-qkv"} == {"qkv"}
 
 
+@pytest.mark.slow
 def test_study_skips_finished_and_resumes_killed_runs(tiny_study, tmp_path, monkeypatch):
     calls = []
     train_module = sys.modules["smallvit.train"]
@@ -59,6 +60,7 @@ def test_study_skips_finished_and_resumes_killed_runs(tiny_study, tmp_path, monk
     assert len(calls) == 2 and all(c.endswith("seed2") for c in calls)
 
 
+@pytest.mark.slow
 @needs_real_cifar
 def test_several_devices_run_side_by_side(monkeypatch, tmp_path):
     """Two 'devices' (both the CPU here): each run goes to its own `smallvit train` process, one per device."""
@@ -73,6 +75,7 @@ def test_several_devices_run_side_by_side(monkeypatch, tmp_path):
         assert result["step"] == 2 and (Path(r["folder"]) / "stdout.log").is_file()
 
 
+@pytest.mark.slow
 def test_study_rerun_with_other_settings_is_refused_or_trained_apart(tiny_study, tmp_path, capsys):
     """Finished runs are reused only when they are the runs the study would train now; otherwise one line names
     the differing key, nothing is trained or rewritten, and --new-folders trains the new settings beside them."""

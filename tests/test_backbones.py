@@ -135,6 +135,7 @@ def test_archs_study_and_presets():
     assert [c.model.arch for _, _, c in runs] == ["vit", "swin", "cait"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["swin", "cait"])
 def test_train_resume_eval_predict_export_info(arch, cifar, tmp_path, capsys, one_thread):
     over = {**TINY[arch], "aug.autoaugment": "none"}
@@ -175,6 +176,7 @@ def test_info_prints_params_and_flops_of_the_swin_preset(capsys):
     assert info["params"] == 7_048_612 and info["gflops_per_image_forward"] == pytest.approx(0.4819, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_inspect_cait_maps_and_swin_message(cifar, tmp_path, capsys):
     torch.manual_seed(0)
     model = build_model(make_config("smoke", TINY["cait"]).model).eval()
@@ -227,6 +229,7 @@ def test_every_arch_provides_the_backbone_interface(arch, one_thread):
     assert backbone(torch.randn(2, 3, cfg.img_size // 2, cfg.img_size // 2)).shape == (2, backbone.feature_dim)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["swin", "cait"])
 def test_pretrain_and_knn_on_timms_backbones(arch, cifar, tmp_path, capsys, one_thread):
     """`smallvit pretrain --set model.arch=swin|cait` used to die on feature_dim / features (ViT only)."""

@@ -54,6 +54,7 @@ def _json_tail(text: str) -> dict:
     return json.loads(text[text.index("{"):])
 
 
+@pytest.mark.slow
 def test_cli_train_eval_info(fake_cifar, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--set", "data.download=false",
@@ -78,6 +79,7 @@ def test_cli_train_eval_info(fake_cifar, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_version_and_python_dash_m():
     import subprocess
     import sys
@@ -116,6 +118,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_every_command_runs_without_the_optional_dependencies(tmp_path):
     sums = write_fake_cifar10(tmp_path / "data", n_train=200, n_test=64)
     p = subprocess.run([sys.executable, "-c", SCRIPT.format(optional=OPTIONAL), json.dumps(sums),

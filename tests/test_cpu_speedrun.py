@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from conftest import REAL_DATA, needs_real_cifar
 from smallvit.runs import read_metrics
 
 
+@pytest.mark.slow
 @needs_real_cifar
 def test_cpu_speedrun_benchmark_runs_the_recipe_and_its_ablations(tmp_path):
     import sys

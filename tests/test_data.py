@@ -142,6 +142,7 @@ def test_svhn_reads_the_official_mat_files(tmp_path, monkeypatch):
         D.load("svhn", str(tmp_path / "none"), download=False)
 
 
+@pytest.mark.slow
 def test_svhn_end_to_end(tmp_path, monkeypatch, capsys):
     _, _, sums = _write_svhn(tmp_path / "data")
     use_checksums(monkeypatch, "svhn", sums)
@@ -191,6 +192,7 @@ def test_image_folder_dataset(tmp_path):
         D.load("folder", str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_image_folder_end_to_end(tmp_path, capsys):
     _write_folder(tmp_path / "pets")
     over = {**SHORT_RUN, "data.dataset": "folder", "model.img_size": 16, "model.num_classes": 3, "train.batch_size": 4,

@@ -38,6 +38,7 @@ def test_dataset_facts_agree_with_the_reader():
         assert info.resized == (info.kind not in ("pickle", "mat"))
 
 
+@pytest.mark.slow
 def test_a_new_dataset_is_one_registry_record(fake_cifar, tmp_path, one_thread):
     """A dataset in a format smallvit reads needs one record and nothing else: registered, it is a choice of
     data.dataset, the checks read its facts, it loads and a run trains on it; removed, it is refused again."""

@@ -29,6 +29,7 @@ def test_eval_any_ablation_checkpoint(cifar, tmp_path, ablation):
     assert "test_acc_tta_flip" in report and (tmp_path / "confusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_cli_eval_multi_cls_class_attention(multi_cls_run, cifar, capsys):
     assert main(["eval", str(multi_cls_run), "--tta-flip"]) == 0
     report = json_out(capsys.readouterr().out)

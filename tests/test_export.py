@@ -29,6 +29,7 @@ def test_gap_model_exports_to_timm_average_pooling():
         torch.testing.assert_close(tm(x), model(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_timm_folder_loads_in_timm_offline(timm_run, tmp_path, monkeypatch, capsys):
     import timm
 
@@ -62,6 +63,7 @@ def test_export_timm_refuses_what_timm_cannot_express(tmp_path, ablation, reason
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
+@pytest.mark.slow
 def test_export_safetensors_loads_back_in_smallvit_and_init_from(timm_run, tmp_path, capsys):
     f = tmp_path / "w.safetensors"
     assert main(["export", str(timm_run), "--format", "safetensors", "--out", str(f)]) == 0
@@ -77,6 +79,7 @@ def test_export_safetensors_loads_back_in_smallvit_and_init_from(timm_run, tmp_p
         fresh.state_dict())
 
 
+@pytest.mark.slow
 def test_export_onnx_gives_the_same_logits(multi_cls_run, cifar, tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime (the test extra)")
     pytest.importorskip("onnx", reason="the opset is read with onnx (the test extra)")
@@ -99,6 +102,7 @@ def test_export_onnx_gives_the_same_logits(multi_cls_run, cifar, tmp_path, capsy
     assert side["class_names"] == list(names) and side["mean"] == list(DATASETS["cifar10"].mean)
 
 
+@pytest.mark.slow
 def test_export_legacy_onnx_torchscript_and_torch_export(multi_cls_run, cifar, tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime (the test extra)")
     model, preprocess, _ = smallvit.load(multi_cls_run)

@@ -1,5 +1,6 @@
 """`smallvit inspect` (inspect_attn.py): attention maps, rollout, and the figures' sizes."""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -10,6 +11,7 @@ from smallvit.experiments import make_config
 from smallvit.inspect_attn import attention_maps, figure_size_px, rollout
 
 
+@pytest.mark.slow
 def test_inspect_writes_grids_of_the_expected_size(multi_cls_run, tmp_path, capsys):
     out = tmp_path / "attn"
     assert main(["inspect", str(multi_cls_run), "--indices", "0,3", "--out", str(out)]) == 0

@@ -61,6 +61,7 @@ def _both(data, tmp_path, **over):
     return tr, pr
 
 
+@pytest.mark.slow
 def test_both_loops_compile_through_the_one_torchrun_safe_mode(cifar, tmp_path, monkeypatch, one_thread):
     """Under torchrun, reduce-overhead (CUDA graphs) crashes a compiled DDP module: both loops ask
     distributed.compile_mode, so both get the graph-free mode (here as if two processes asked)."""
@@ -71,6 +72,7 @@ def test_both_loops_compile_through_the_one_torchrun_safe_mode(cifar, tmp_path, 
     assert asked == ["reduce-overhead", "reduce-overhead"] and compiled == [None, None]
 
 
+@pytest.mark.slow
 def test_both_loops_download_on_rank_0_before_every_rank_loads(cifar, tmp_path, monkeypatch, one_thread):
     """Both loops take the dataset's facts from lifecycle.dataset_info, which under torchrun lets rank 0 check and
     download the files before any rank reads them (Tiny-ImageNet pre-training without the files)."""
@@ -92,6 +94,7 @@ def test_both_loops_download_on_rank_0_before_every_rank_loads(cifar, tmp_path, 
     assert loads == []  # one process: D.load's own download, as before
 
 
+@pytest.mark.slow
 def test_both_loops_time_from_set_up_and_every_evaluation_has_wall_seconds(cifar, tmp_path, one_thread):
     tr, pr = _both(cifar, tmp_path, **{"train.max_steps": 0, "train.epochs": 2, "train.eval_every_epochs": 1})
     for r, kind, key in ((tr, "train", "test_acc"), (pr, "pretrain", "knn_acc")):
@@ -221,6 +224,7 @@ def _curve(out: Path) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("lr"), r.get("test_acc")) for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signals", [(signal.SIGKILL,) * 3, (signal.SIGTERM, signal.SIGINT, signal.SIGTERM)],
                          ids=["sigkill", "sigterm-sigint"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(env, reference, signals, tmp_path):
@@ -257,6 +261,7 @@ def _direct(env, args: list[str], log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_folder(env, reference, tmp_path):
     """While a run trains, a second fresh run and a --resume into its folder are refused in one line naming the
     holder, and write nothing there; after a kill -9 of the holder the kernel has released the lock and --resume
@@ -283,6 +288,7 @@ def test_one_writer_per_run_folder(env, reference, tmp_path):
     assert _curve(out) == _curve(reference)
 
 
+@pytest.mark.slow
 def test_wall_time_checkpoints_bound_what_a_kill_loses(env, reference, tmp_path):
     """No evaluation and no step interval before the end (the main job's shape): train.checkpoint_every_seconds
     alone writes checkpoints, so a kill -9 loses only the last interval, and --resume ends at the uninterrupted
@@ -304,6 +310,7 @@ def test_wall_time_checkpoints_bound_what_a_kill_loses(env, reference, tmp_path)
     _same_weights(out, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit_kib", [100, 2])
 def test_a_write_that_really_fails_is_one_line_and_the_checkpoint_survives(env, tmp_path, limit_kib):
     """A real failed write, not a stand-in: the resumed process may write files of at most `limit_kib` KiB
@@ -330,6 +337,7 @@ def test_a_write_that_really_fails_is_one_line_and_the_checkpoint_survives(env, 
     assert load_checkpoint(out)["step"] == 18
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_old_one(env, tmp_path):
     """The writer is killed half-way through the temporary file: the previous checkpoint stays complete."""
     out = tmp_path / "run"
@@ -371,6 +379,7 @@ def _torchrun(env, args: list[str], log: Path, stop_at_step: int = 0) -> tuple[i
     return code, log.read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_and_stop_together(env, tmp_path):
     """gloo on CPU: 2 ranks x 32 images give the same training as 1 process x 64; SIGTERM stops both at one step."""
     plain = ["aug.crop_pad=0", "aug.flip=false", "aug.autoaugment=none", "aug.erase_p=0", "aug.mixup=false",
@@ -435,6 +444,7 @@ def test_two_processes_train_the_one_process_run_and_resume_it_exactly(env, tmp_
     assert _relative_difference(one, moved) < 1e-5
 
 
+@pytest.mark.slow
 def test_resume_on_another_device_type_is_refused(fake_cifar, tmp_path):
     out = tmp_path / "run"
     T.train(one_thread_config(fake_cifar, **{"train.max_steps": 2}), out)
@@ -448,6 +458,7 @@ def test_resume_on_another_device_type_is_refused(fake_cifar, tmp_path):
 # ---- resuming a finished run, and a run killed before its first checkpoint
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_changes_nothing(fake_cifar, tmp_path):
     cfg = one_thread_config(fake_cifar, **{"train.max_steps": 4})
     first = T.train(cfg, tmp_path / "r")
@@ -457,6 +468,7 @@ def test_resuming_a_finished_run_changes_nothing(fake_cifar, tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == files
 
 
+@pytest.mark.slow
 def test_killed_before_the_first_checkpoint(fake_cifar, tmp_path, monkeypatch):
     """Records but no checkpoint: a plain rerun is refused, --resume starts over with a clean record."""
     out = tmp_path / "r"
@@ -490,6 +502,7 @@ def _inject(monkeypatch, step: int, make):
     monkeypatch.setattr(T, "BatchAugment", Faulty)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(fake_cifar, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     _inject(monkeypatch, step=10, make=lambda x: x * float("nan"))
@@ -504,6 +517,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(fake_cifar, tmp
     assert {"step": 11, "event": "skipped_nonfinite"} in read_metrics(out)
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_continues(fake_cifar, tmp_path, monkeypatch):
     _inject(monkeypatch, step=3, make=lambda x: x * float("inf"))
     cfg = one_thread_config(fake_cifar, **{"train.on_nonfinite": "skip", "train.max_steps": 12})
@@ -513,6 +527,7 @@ def test_nonfinite_skip_continues(fake_cifar, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "r")["model"].values())
 
 
+@pytest.mark.slow
 def test_nonfinite_weights_never_replace_a_checkpoint(fake_cifar, tmp_path, monkeypatch):
     """Even if a fault slips past the loss check (as on GPUs between checks), the checkpoint is not overwritten."""
     out = tmp_path / "r"
@@ -526,6 +541,7 @@ def test_nonfinite_weights_never_replace_a_checkpoint(fake_cifar, tmp_path, monk
     assert (out / "checkpoint.pt").read_bytes() == good
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_on_the_gpu_policy_stops_at_the_next_log(fake_cifar, tmp_path, monkeypatch):
     """GPUs check the loss only where the loop syncs anyway (log lines, checkpoints): the fault is still caught."""
     out = tmp_path / "r"
@@ -537,6 +553,7 @@ def test_nonfinite_loss_on_the_gpu_policy_stops_at_the_next_log(fake_cifar, tmp_
     assert load_checkpoint(out)["step"] == 9
 
 
+@pytest.mark.slow
 def test_checkpoint_every_steps_bounds_the_loss(fake_cifar, tmp_path, monkeypatch):
     out = tmp_path / "r"
     _inject(monkeypatch, step=7, make=_die)
@@ -586,6 +603,7 @@ train(cfg, out)
 """
 
 
+@pytest.mark.slow
 def test_torchrun_downloads_once_and_compiles_without_cuda_graphs(tmp_path):
     """2 gloo processes, data missing, download on: rank 0 downloads while rank 1 waits, then both train;
     compile_mode=max-autotune reaches torch.compile as max-autotune-no-cudagraphs on both ranks."""

@@ -1,6 +1,7 @@
 """Prediction (predict.py): `smallvit predict` on image files of any size, and the load() API's preprocessing."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -9,6 +10,8 @@ from conftest import cifar_test_images, json_out
 from smallvit.cli import main
 from smallvit.datasets import DATASETS
 from smallvit.evaluate import predict_logits
+
+pytestmark = pytest.mark.slow  # on a trained run (the multi_cls_run fixture trains it)
 
 
 def test_predict_png_and_jpeg_of_any_size(multi_cls_run, tmp_path, capsys):

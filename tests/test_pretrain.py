@@ -79,6 +79,7 @@ def test_every_vit_variant_can_be_pretrained(variant):
     assert frozen == ["head.last_layer.parametrizations.weight.original0"]  # norm_last_layer: g fixed at 1
 
 
+@pytest.mark.slow
 def test_teacher_is_the_ema_of_the_student(fake_cifar, tmp_path):
     cfg = ssl_config(fake_cifar, **{"train.max_steps": 1})
     P.pretrain(cfg, tmp_path / "r")
@@ -98,6 +99,7 @@ def test_teacher_is_the_ema_of_the_student(fake_cifar, tmp_path):
     assert all(torch.equal(two["model"][k], two["teacher"]["backbone." + k]) for k in two["model"])
 
 
+@pytest.mark.slow
 def test_pretrain_records_and_loss_falls(fake_cifar, tmp_path):
     """The loss is the teacher's entropy plus KL(teacher || student). Early in a run the entropy rises (the centre
     catches up with the outputs' common part, the teacher temperature warms up), so the part the student controls,
@@ -117,6 +119,7 @@ def test_pretrain_records_and_loss_falls(fake_cifar, tmp_path):
     assert json.loads((tmp_path / "run" / "result.json").read_text())["final_knn_acc"] == r["final_knn_acc"]
 
 
+@pytest.mark.slow
 def test_resume_and_sigterm_equal_the_uninterrupted_run(fake_cifar, tmp_path, monkeypatch):
     cfg = ssl_config(fake_cifar)
     P.pretrain(cfg, tmp_path / "full")
@@ -142,6 +145,7 @@ def test_resume_and_sigterm_equal_the_uninterrupted_run(fake_cifar, tmp_path, mo
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(tmp_path / "resumed"))
 
 
+@pytest.mark.slow
 def test_cli_pretrain_then_knn_on_both_kinds_of_run(fake_cifar, tmp_path, capsys):
     common = ["--preset", "smoke", "--set", f"data.data_dir={fake_cifar}", "data.download=false", "data.subset=0",
               "data.test_subset=0", "train.threads=1", "train.max_steps=3", "ssl.local_crops=1", "ssl.out_dim=64"]
@@ -159,6 +163,7 @@ def test_cli_pretrain_then_knn_on_both_kinds_of_run(fake_cifar, tmp_path, capsys
     assert "ssl.clip_grad" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_the_teacher_backbone(fake_cifar, tmp_path):
     from smallvit import train
 
@@ -172,6 +177,7 @@ def test_finetune_starts_from_the_teacher_backbone(fake_cifar, tmp_path):
     assert body and all(torch.equal(model[k], teacher["backbone." + k]) for k in body)
 
 
+@pytest.mark.slow
 @needs_real_cifar
 def test_no_collapse_on_real_images_and_the_monitor_sees_one(tmp_path):
     """A tiny pre-training on 1024 real CIFAR-10 training images: the teacher's outputs neither collapse to one
@@ -340,6 +346,7 @@ def test_lr_schedule_is_the_parents_cosine_scheduler():
 # ---- the weight-decay schedule's groups
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fallback", ["adamw", "nadamw"])
 def test_every_decayed_group_follows_the_weight_decay_schedule(fallback, cifar, tmp_path, one_thread):
     """Groups carry decay_scheduled (optim.param_groups); muon_fallback=nadamw once dropped its decayed group."""

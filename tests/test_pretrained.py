@@ -38,6 +38,7 @@ def _write_fake_cifar100(root: Path) -> dict[str, str]:
     return sums
 
 
+@pytest.mark.slow
 def test_cifar10_run_to_cifar100_model(timm_run, tmp_path, monkeypatch, capsys):
     use_checksums(monkeypatch, "cifar100", _write_fake_cifar100(tmp_path / "data"))
     src = torch.load(timm_run / "checkpoint.pt", weights_only=True)["model"]
@@ -144,6 +145,7 @@ class _Unsafe:
     """An object only a full (code-running) unpickler would rebuild."""
 
 
+@pytest.mark.slow
 def test_other_shape_mismatches_need_init_strict_false(timm_run):
     wide = smoke_model(**{"model.mlp_ratio": 4.0})
     before = {k: v.clone() for k, v in wide.state_dict().items()}

@@ -3,7 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from smallvit.cli import main
+
+pytestmark = pytest.mark.slow  # profiles real training steps
 
 
 def test_profile_on_cpu_writes_a_trace_and_the_step_breakdown(fake_cifar, tmp_path, capsys):

@@ -44,6 +44,7 @@ def test_report_from_recorded_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty")]) == 2
 
 
+@pytest.mark.slow
 def test_study_with_a_split_reports_validation_and_test(fake_cifar, tmp_path, monkeypatch, capsys):
     from smallvit.experiments import STUDIES
 

@@ -25,6 +25,7 @@ def _finished_part(data: Path, out: Path, capsys, steps: int = 9) -> bytes:
     return (out / "checkpoint.pt").read_bytes()
 
 
+@pytest.mark.slow
 def test_existing_run_is_never_overwritten(fake_cifar, tmp_path, capsys):
     out = tmp_path / "r"
     before = _finished_part(fake_cifar, out, capsys)
@@ -38,6 +39,7 @@ def test_existing_run_is_never_overwritten(fake_cifar, tmp_path, capsys):
     assert (out / "checkpoint.pt").read_bytes() == before and (out / "metrics.jsonl").read_bytes() == metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "not-weights-only", "weights-only", "other-model"])
 def test_bad_checkpoint_is_one_error_and_left_alone(fake_cifar, tmp_path, capsys, kind):
     out = tmp_path / "r"
@@ -84,6 +86,7 @@ def test_load_model_state_names_the_mismatch():
     assert "shape mismatch" in str(e.value) and "Traceback" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint(fake_cifar, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     good = _finished_part(fake_cifar, out, capsys)
@@ -104,6 +107,7 @@ def test_full_disk_during_a_checkpoint(fake_cifar, tmp_path, capsys, monkeypatch
     assert load_checkpoint(out)["step"] == 18
 
 
+@pytest.mark.slow
 def test_full_disk_while_logging(fake_cifar, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     real_log = Records.log

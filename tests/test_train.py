@@ -21,6 +21,8 @@ from smallvit.config import ConfigError
 from smallvit.experiments import make_config
 from smallvit.runs import CheckpointError, load_checkpoint, read_metrics
 
+pytestmark = pytest.mark.slow  # every test here runs a training
+
 
 def test_loss_falls_and_records_are_written(fake_cifar, tmp_path):
     cfg = smoke_config(fake_cifar, **{"train.epochs": 6, "aug.autoaugment": "none", "aug.mixup": False,

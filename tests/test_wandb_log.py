@@ -61,6 +61,7 @@ def wandb_offline(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_every_record_and_resume_continues_the_run(fake_cifar, tmp_path, wandb_offline):
     out = tmp_path / "run"
     keys = {"train.wandb_project": "smallvit-test", "train.wandb_tags": "ci,smoke", "aug.autoaugment": "none"}
