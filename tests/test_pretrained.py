@@ -47,9 +47,9 @@ def test_cifar10_run_to_cifar100_model(timm_run, tmp_path, monkeypatch, capsys):
     head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("head.")}
     report = init_from(model, timm_run)
     assert report["reinitialised"] == ["head.bias", "head.weight"] and not report["missing"] + report["unexpected"]
-    for k, v in model.state_dict().items():  # the rest equal to the CIFAR-10 timm_run, the head as initialised
+    for k, v in model.state_dict().items():  # the rest equal to the CIFAR-10 run, the head as initialised
         torch.testing.assert_close(v, head[k] if k.startswith("head.") else src[k], rtol=0, atol=0)
-    # the same through training: the report is printed and saved, and the timm_run trains
+    # the same through training: the report is printed and saved, and the run trains
     out = tmp_path / "c100"
     cfg = smoke_config(tmp_path / "data", **{**SHORT_RUN, "data.dataset": "cifar100", "model.num_classes": 100,
                                              "train.init_from": str(timm_run)})
@@ -104,7 +104,7 @@ def test_dino_checkpoint_takes_the_teacher_backbone(tmp_path):
     dino_head = {"head.mlp.0.weight": torch.randn(64, 32), "head.last_layer.weight": torch.randn(256, 64)}
     wrap = lambda m, prefix: {**{prefix + "backbone." + k: v for k, v in m.state_dict().items()},
                               **{prefix + k: v for k, v in dino_head.items()}}
-    # The original DINO layout (DDP "module." prefixes) and `smallvit pretrain`'s timm_run folder (with a config)
+    # The original DINO layout (DDP "module." prefixes) and `smallvit pretrain`'s run folder (with a config)
     torch.save({"teacher": wrap(teacher, "module."), "student": wrap(student, "module."), "epoch": 3},
                tmp_path / "dino.pth")
     (tmp_path / "pretrain").mkdir()

@@ -40,7 +40,7 @@ def _wandb_records(path: Path):
 
 def _wandb_history(run_dir: Path) -> tuple[list[str], dict[int, dict], list]:
     ids, history, runs = [], {}, []
-    for f in sorted(run_dir.glob("wandb/offline-timm_run-*/run-*.wandb")):
+    for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
         for r in _wandb_records(f):
             kind = r.WhichOneof("record_type")
             if kind == "run":
@@ -69,7 +69,7 @@ def test_wandb_offline_gets_every_record_and_resume_continues_the_run(fake_cifar
     smallvit.train(smoke_config(fake_cifar, **keys), out, resume=True)  # to the end (step 18)
     run_id = json.loads((out / "wandb.json").read_text())["id"]
     ids, history, runs = _wandb_history(out)
-    assert ids == [run_id, run_id]  # the resumed process wrote into the same W&B timm_run
+    assert ids == [run_id, run_id]  # the resumed process wrote into the same W&B run
     assert list(runs[0].tags) == ["ci", "smoke"]
     config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
     assert config["train"]["wandb_project"] == "smallvit-test" and config["model"]["embed_dim"] == 32
