@@ -17,7 +17,8 @@ if [ "$STACK" = timm-lower-quick ]; then
   "${PYTHON:-.venv/bin/python}" -m pip install -q --no-deps --target "$OVER" -r constraints/timm-lower.txt
   PYTHONPATH="$ROOT/src:$OVER" "${PYTHON:-.venv/bin/python}" -c "import timm; print('timm', timm.__version__)"
   PYTHONPATH="$ROOT/src:$OVER" exec "${PYTHON:-.venv/bin/python}" -m pytest -q tests/test_backbones.py \
-    tests/test_optim.py tests/test_sync_census.py tests/test_model.py tests/test_ecosystem.py -m "not slow" "$@"
+    tests/test_optim.py tests/test_sync_census.py tests/test_model.py tests/test_pretrained.py tests/test_export.py \
+    "$@"
 fi
 VENV="${SMALLVIT_STACK_VENV:-$(mktemp -d)/venv}"
 case "$STACK" in

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from smallvit import augment
+from smallvit.augment import resize
 from smallvit.config import AugConfig
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -178,3 +179,10 @@ def test_batch_augment_on_cuda():
     xo, t = a(x, y, step=3)
     assert xo.device == x.device and t.device == x.device and xo.shape == x.shape
     assert torch.equal(xo, a(x, y, step=3)[0]) and torch.allclose(t.sum(1), torch.ones(128, device="cuda"))
+
+
+def test_resize_averages_when_shrinking():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(1, 3, 1, 1)
+    small = resize(x, 2)
+    torch.testing.assert_close(small[0, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))  # 2x2 block means
+    assert resize(x, 4) is x

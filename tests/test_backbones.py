@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import timm
@@ -9,18 +10,20 @@ import torch
 from PIL import Image
 
 import smallvit
-from conftest import smoke_config
+from conftest import SSL, smoke_config
 from smallvit import data as D
+from smallvit import pretrain as P
 from smallvit.ablate import plan
-from smallvit.backbones import Cait, Swin, build_model
-from smallvit.experiments import STUDIES
+from smallvit.backbones import ARCHS as ARCH_REGISTRY
+from smallvit.backbones import Backbone, Cait, Swin, build_model
 from smallvit.cli import main
 from smallvit.config import ConfigError
 from smallvit.datasets import DATASETS
-from smallvit.experiments import ABLATIONS, PRESETS, make_config
 from smallvit.evaluate import evaluate_run
+from smallvit.experiments import ABLATIONS, PRESETS, STUDIES, make_config
 from smallvit.export import run_exported
 from smallvit.inspect_attn import attention_maps, rollout
+from smallvit.knn import knn_accuracy
 from smallvit.model import ViT, count_params, flops_per_image
 from smallvit.optim import param_groups
 from smallvit.runs import load_checkpoint
@@ -132,6 +135,7 @@ def test_archs_study_and_presets():
     assert [c.model.arch for _, _, c in runs] == ["vit", "swin", "cait"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["swin", "cait"])
 def test_train_resume_eval_predict_export_info(arch, cifar, tmp_path, capsys, one_thread):
     over = {**TINY[arch], "aug.autoaugment": "none"}
@@ -152,7 +156,7 @@ def test_train_resume_eval_predict_export_info(arch, cifar, tmp_path, capsys, on
 
     model, preprocess, _ = smallvit.load(tmp_path / "full")
     xb = preprocess(D.load("cifar10", str(cifar), download=False, train=False)[0][:5])  # another batch size
-    if importlib.util.find_spec("onnxruntime"):  # optional (the test extra); test_use's ONNX tests skip without it
+    if importlib.util.find_spec("onnxruntime"):  # optional (the test extra); test_export's ONNX tests skip without it
         assert main(["export", str(tmp_path / "full"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
         assert _json(capsys.readouterr().out)["max_abs_diff"] <= 1e-4
         with torch.no_grad():
@@ -172,6 +176,7 @@ def test_info_prints_params_and_flops_of_the_swin_preset(capsys):
     assert info["params"] == 7_048_612 and info["gflops_per_image_forward"] == pytest.approx(0.4819, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_inspect_cait_maps_and_swin_message(cifar, tmp_path, capsys):
     torch.manual_seed(0)
     model = build_model(make_config("smoke", TINY["cait"]).model).eval()
@@ -196,3 +201,44 @@ def test_inspect_cait_maps_and_swin_message(cifar, tmp_path, capsys):
 
 def test_vit_is_still_the_default():
     assert type(build_model(make_config("baseline").model)) is ViT
+
+
+# ---- the backbone interface (backbones.Backbone), and the other backbones in pretrain and knn
+
+
+@pytest.mark.parametrize("arch", list(ARCH_REGISTRY))
+def test_every_arch_provides_the_backbone_interface(arch, one_thread):
+    cfg = make_config("smoke", TINY[arch]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, Backbone), arch
+    assert model.cfg is cfg and model.grid == cfg.img_size // cfg.patch_size and model.num_cls >= 0
+    assert isinstance(model.no_weight_decay(), set)
+    x = torch.randn(3, 3, cfg.img_size, cfg.img_size)
+    model.eval()  # no drop path: the three calls see the same network
+    f, pooled, logits = model.features(x), model.pooled(x), model(x)
+    assert f.ndim == 3 and f.shape[0] == 3 and f.shape[1] == max(model.num_cls, 1)
+    assert pooled.shape == (3, model.feature_dim) and logits.shape == (3, cfg.num_classes)
+    headless = build_model(replace(cfg, num_classes=0)).eval()
+    torch.testing.assert_close(headless(x), headless.pooled(x))  # without a classifier, the model is `pooled`
+    model.train()
+    model(x).square().mean().backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    backbone = build_model(replace(cfg, num_classes=0), any_size=True)  # DINO's: features, any view size
+    assert backbone(x).shape == (3, backbone.feature_dim)
+    assert backbone(torch.randn(2, 3, cfg.img_size // 2, cfg.img_size // 2)).shape == (2, backbone.feature_dim)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["swin", "cait"])
+def test_pretrain_and_knn_on_timms_backbones(arch, cifar, tmp_path, capsys, one_thread):
+    """`smallvit pretrain --set model.arch=swin|cait` used to die on feature_dim / features (ViT only)."""
+    from smallvit.cli import main
+
+    r = P.pretrain(smoke_config(cifar, **{"train.max_steps": 2, **SSL, **TINY[arch]}), tmp_path / "p")
+    assert r["status"] == "stopped_at_max_steps" and 0 <= r["final_knn_acc"] <= 100
+    assert main(["knn", str(tmp_path / "p"), "--train-images", "64", "--test-images", "32", "--device", "cpu"]) == 0
+    assert '"backbone": "teacher"' in capsys.readouterr().out
+    model = build_model(make_config("smoke", TINY[arch]).model)
+    x, y = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.arange(20) % 10
+    assert 0 <= knn_accuracy(model, x, y, x, y, (0.5,) * 3, (0.25,) * 3, 10, k=3) <= 100

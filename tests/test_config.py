@@ -1,7 +1,10 @@
 import pytest
 
-from smallvit.config import Config, ConfigError, apply_overrides, diff, from_dict, parse_overrides, to_dict
-from smallvit.experiments import ABLATIONS, make_config
+from conftest import smoke_config
+from smallvit import train
+from smallvit.augment import resolution_at
+from smallvit.config import Config, ConfigError, apply_overrides, diff, from_dict, parse_overrides, res_stages, to_dict
+from smallvit.experiments import make_config
 
 
 def test_defaults_are_the_paper_baseline():
@@ -57,9 +60,23 @@ def test_round_trip_and_presets():
         make_config("nope")
 
 
-def test_every_ablation_is_a_small_valid_diff():
-    for name, d in ABLATIONS.items():
-        cfg = make_config("baseline", ablation=name)
-        # a backbone swap (swin, cait) also sets its shape: the arch plus up to three keys
-        assert set(diff(cfg)) <= set(d) and len(d) <= (4 if "model.arch" in d else 3), name
-        assert all(diff(cfg)[k] == v for k, v in d.items() if k in diff(cfg))
+def test_res_schedule_parsing_and_refusals():
+    assert res_stages("16:0.25, 24:0.5") == ((16, 0.25), (24, 0.5))
+    assert res_stages("") == ()
+    assert [resolution_at(s, 100, ((16, 0.25), (24, 0.5)), 32) for s in (0, 24, 25, 49, 50, 99)] == \
+        [16, 16, 24, 24, 32, 32]
+    for bad, match in (("16", "SIZE:FRACTION"), ("16:0.5,24:0.25", "must increase"), ("18:0.5", "multiple of"),
+                       ("40:0.5", "at most"), ("16:0", "must increase")):
+        with pytest.raises(ConfigError, match=match):
+            make_config("smoke", {"train.res_schedule": bad})
+    with pytest.raises(ConfigError, match="needs model.arch=vit"):
+        make_config("smoke", {"model.arch": "swin", "model.patch_size": 2, "train.res_schedule": "16:0.5"})
+
+
+def test_bad_split_sizes_are_refused(fake_cifar, tmp_path):
+    with pytest.raises(ConfigError, match="data.val_images"):
+        make_config("smoke", {"data.val_images": -1})
+    with pytest.raises(ConfigError, match="data.val_images=600"):
+        make_config("smoke", {"data.val_images": 600, "data.subset": 600})
+    with pytest.raises(ConfigError, match="between 1 and 599"):
+        train(smoke_config(fake_cifar, **{"data.val_images": 600}), tmp_path / "r")

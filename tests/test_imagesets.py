@@ -138,6 +138,7 @@ def test_missing_files_and_incomplete_unpack(tmp_path, counts, monkeypatch):
         D.load("cinic10", str(tmp_path), download=False)
 
 
+@pytest.mark.slow
 def test_cinic_tar_gz_unpacks_and_trains_end_to_end(tmp_path, counts, monkeypatch, capsys, one_thread):
     src = write_cinic(tmp_path / "src")
     data = tmp_path / "data"
@@ -165,6 +166,7 @@ def test_cinic_tar_gz_unpacks_and_trains_end_to_end(tmp_path, counts, monkeypatc
     assert smallvit.load(tmp_path / "run").preprocess.mean.tolist() == pytest.approx(DATASETS["cinic10"].mean)
 
 
+@pytest.mark.slow
 def test_tiny_imagenet_preset_trains_at_64_px(tmp_path, monkeypatch, one_thread):
     wnids = [f"n{10_000_000 + 7 * i:08d}" for i in range(200)]  # the real class count: the head has 200 outputs
     write_tiny_imagenet(tmp_path / "data", n_train=1, n_val=1, wnids=wnids,
@@ -211,6 +213,7 @@ print(json.dumps([x.sum().item(), y.tolist()]))
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_unpack_and_cache_once(tmp_path):
     """Four processes (as torchrun ranks or SLURM jobs would) find only the archive: one unpacks while the others
     wait, none deletes another's work, and all get the same images."""

@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
-from smallvit.experiments import ABLATIONS, make_config
+from conftest import seeded_vit
 from smallvit.backbones import build_model
+from smallvit.config import ConfigError
+from smallvit.experiments import ABLATIONS, make_config
 from smallvit.model import count_params, flops_per_image, sincos_pos_embed
 
 
@@ -92,3 +94,50 @@ def test_cait_class_attention_leaves_patches_unchanged():
     x = torch.randn(2, 2 + 64, cfg.model.embed_dim)
     y = model.cls_blocks[0](x)
     assert torch.equal(y[:, 2:], x[:, 2:]) and not torch.equal(y[:, :2], x[:, :2])
+
+
+# ---- no CLS token: global average pooling
+
+
+def test_gap_reads_the_mean_of_the_normalised_patch_tokens():
+    model = seeded_vit(**{"model.num_cls_tokens": 0}).eval()
+    assert model.cls_token is None and model.pos_embed.shape[1] == 64
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        t = model.tokens(x)
+        assert t.shape == (3, 64, 32)
+        for blk in model.blocks:
+            t = blk(t)
+        expected = model.head(model.norm(t).mean(1))
+        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="class_attn_depth needs CLS tokens"):
+        make_config("smoke", {"model.num_cls_tokens": 0, "model.class_attn_depth": 1})
+    with pytest.raises(ConfigError, match="num_cls_tokens must be >= 0"):
+        make_config("smoke", {"model.num_cls_tokens": -1})
+
+
+# ---- patch dropout
+
+
+def test_patch_dropout_keeps_a_random_subset_in_training_only():
+    seen = []
+    model = seeded_vit(**{"model.patch_drop": 0.5})
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    torch.manual_seed(2)
+    c = model(x)
+    assert seen == [1 + 32] * 3  # the CLS token and half of the 64 patches
+    assert torch.equal(a, b) and not torch.equal(a, c)  # a function of the global seed (train.py: of the step)
+    full = seeded_vit()
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), full.eval()(x), atol=0, rtol=0)
+    assert seen[-1] == 65
+    with pytest.raises(ConfigError, match="patch_drop must be in"):
+        make_config("smoke", {"model.patch_drop": 1.0})
+    with pytest.raises(ConfigError, match="patch_drop.*not supported by model.arch=swin"):
+        make_config("smoke", {"model.arch": "swin", "model.patch_drop": 0.25})

@@ -1,11 +1,16 @@
+from __future__ import annotations
+
+import copy
 import math
 
 import pytest
 import torch
 
-from smallvit.config import OptimConfig
-from smallvit.experiments import make_config
+from conftest import CUDA
+from smallvit import optim
 from smallvit.backbones import build_model
+from smallvit.config import ConfigError, OptimConfig
+from smallvit.experiments import make_config
 from smallvit.optim import build_optimizer, lr_at, param_groups, schedule_factor
 
 
@@ -93,3 +98,60 @@ def test_muon_fallback_is_validated():
 
     with pytest.raises(ConfigError, match="optim.muon_fallback must be one of adamw, nadamw"):
         make_config("baseline", {"optim.muon_fallback": "sgd"})
+
+
+# ---- schedule shapes
+
+
+def test_linear_and_wsd_schedules():
+    T, W, peak, lo = 110, 10, 1.0, 0.0
+    assert lr_at(5, T, W, peak, lo, "linear") == pytest.approx(0.5)  # the warm-up is shared
+    assert lr_at(10, T, W, peak, lo, "linear") == pytest.approx(1.0)
+    assert lr_at(60, T, W, peak, lo, "linear") == pytest.approx(0.5)
+    assert lr_at(110, T, W, peak, lo, "linear") == 0.0
+    # wsd with the last 20% of the 100 post-warm-up steps decaying: flat until step 90, then a line to 0 at 110
+    assert [lr_at(s, T, W, peak, lo, "wsd", 0.2) for s in (10, 50, 90)] == pytest.approx([1.0, 1.0, 1.0])
+    assert lr_at(100, T, W, peak, lo, "wsd", 0.2) == pytest.approx(0.5)
+    assert lr_at(60, T, W, peak, lo) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))  # cosine stays default
+    with pytest.raises(ConfigError, match="optim.schedule must be"):
+        make_config("smoke", {"optim.schedule": "step"})
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        make_config("smoke", {"optim.schedule": "wsd", "optim.decay_fraction": 0})
+
+
+# ---- fused AdamW after a resume on another device (CUDA faked: every tensor stays on CPU)
+
+
+def _adamw(device: torch.device):
+    torch.manual_seed(0)
+    model = build_model(make_config("smoke").model)
+    return model, optim.build_optimizer(model, OptimConfig(), device)
+
+
+def _step(model, opt):
+    torch.manual_seed(2)  # drop path
+    model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_cpu_checkpoint_resumed_on_cuda_runs_fused():
+    model, cpu_opt = _adamw(torch.device("cpu"))
+    _step(model, cpu_opt)
+    saved = copy.deepcopy(cpu_opt.state_dict())  # as written to and read from a checkpoint
+    assert saved["param_groups"][0]["fused"] is False
+    model2, opt = _adamw(CUDA)
+    assert opt.param_groups[0]["fused"]
+    model2.load_state_dict(model.state_dict())
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["fused"] is False  # what load_state_dict does: the saved group options come back
+    optim.match_device(opt, CUDA)
+    assert all(g["fused"] for g in opt.param_groups)
+    steps = [s["step"] for s in opt.state.values()]
+    assert steps and all(s.dtype == torch.float32 and float(s) == 1.0 for s in steps)
+    _step(model2, opt)  # the fused kernel runs on the loaded state
+    _step(model, cpu_opt)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the fused and the loop kernels agree
+    optim.match_device(opt, torch.device("cpu"))  # and back: a CUDA checkpoint resumed on CPU
+    assert not any(g["fused"] for g in opt.param_groups)

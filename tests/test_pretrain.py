@@ -1,4 +1,5 @@
-"""DINO pre-training (pretrain.py), its multi-crop views (multicrop.py) and the k-NN monitor (knn.py), on tiny runs."""
+"""DINO pre-training (pretrain.py) on tiny runs: the loss, the centre, the schedules, the teacher, resume, and the
+parent project's recipe point by point."""
 
 import json
 import math
@@ -9,16 +10,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import REAL_DATA, needs_real_cifar, smoke_config
+from conftest import MEAN, REAL_DATA, SSL, STD, needs_real_cifar, smoke_config
 from smallvit import pretrain as P
 from smallvit.cli import main
 from smallvit.config import SSLConfig
 from smallvit.experiments import make_config
-from smallvit.knn import knn_predict
-from smallvit.multicrop import MultiCrop, crop_boxes, gaussian_blur, shift_hue
+from smallvit.multicrop import MultiCrop
+from smallvit.optim import build_optimizer, resolve_lr
 from smallvit.runs import load_checkpoint, read_metrics
-
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def ssl_config(data_dir, **overrides):
@@ -26,62 +25,6 @@ def ssl_config(data_dir, **overrides):
     base = {"ssl.local_crops": 2, "ssl.out_dim": 256, "optim.weight_decay": 0.04, "optim.decay_all": False}
     base.update(overrides)
     return smoke_config(data_dir, **base)
-
-
-def test_views_shapes_order_and_determinism():
-    s = SSLConfig(local_crops=3)
-    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    mc = MultiCrop(s, 32, MEAN, STD, torch.device("cpu"), seed=1)
-    g, loc = mc.views(x, 7)
-    assert g.shape == (2 * 5, 3, 32, 32) and loc.shape == (3 * 5, 3, 16, 16) and g.dtype == torch.float32
-    again = mc.views(x, 7)
-    assert torch.equal(g, again[0]) and torch.equal(loc, again[1])  # a pure function of (seed, key)
-    assert not torch.equal(g, mc.views(x, 8)[0])
-    assert not torch.equal(g[:5], g[5:])  # the two global views of an image differ
-
-
-def test_crop_boxes_follow_random_resized_crop():
-    g = torch.Generator().manual_seed(0)
-    boxes = crop_boxes(4000, 32, 32, (0.2, 0.5), g, "cpu")
-    top, left, h, w = boxes.unbind(1)
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
-    area = h * w / 1024
-    assert area.min() > 0.15 and area.max() < 0.56  # the scale range, up to the rounding of h and w
-    ratio = w / h
-    assert ratio.min() > 0.6 and ratio.max() < 1.6  # log-uniform in (3/4, 4/3), up to rounding
-    assert 0.3 < area.mean() < 0.4
-    whole = crop_boxes(100, 32, 32, (1.0, 1.0), g, "cpu")
-    assert (whole[:, 2] * whole[:, 3] >= 0.9 * 1024).all()
-
-
-def test_identity_views_reproduce_the_image():
-    """Scale 1, ratio-preserving crops without colour, blur or flip give back the normalised image (the affine
-    grid maps output pixel centres onto input pixel centres); a flip gives the mirrored image."""
-    s = SSLConfig(global_scale=(1.0, 1.0), local_crops=0, jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0),
-                  solarize_p=0.0)
-    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    (g,) = MultiCrop(s, 32, MEAN, STD, torch.device("cpu")).views(x, 0)
-    expect = (x.float() / 255 - 0.5) / 0.25
-    same = [(g[i] - expect[i % 64]).abs().max() < 1e-4 for i in range(128)]
-    mirrored = [(g[i] - expect[i % 64].flip(-1)).abs().max() < 1e-4 for i in range(128)]
-    assert all(a or b for a, b in zip(same, mirrored)) and 30 < sum(mirrored) < 98  # flip p = 0.5
-
-
-def test_hue_shift_matches_torchvision():
-    import torchvision.transforms.v2.functional as TF
-
-    x = torch.rand(3, 3, 8, 8)
-    for h in (-0.3, 0.1, 0.45):
-        assert (shift_hue(x, torch.full((3,), h)) - TF.adjust_hue(x, h)).abs().max() < 1e-5
-
-
-def test_blur_matches_torchvision_and_sigma_zero_is_identity():
-    import torchvision.transforms.v2.functional as TF
-
-    x = torch.rand(3, 3, 16, 16)
-    out = gaussian_blur(x, torch.tensor([1.0, 0.0, 1.0]), max_sigma=1.0)
-    assert (out[0] - TF.gaussian_blur(x[0], [7, 7], [1.0, 1.0])).abs().max() < 1e-5
-    assert torch.equal(out[1], x[1])
 
 
 def test_dino_loss_pairs_every_teacher_view_with_the_other_views():
@@ -136,6 +79,7 @@ def test_every_vit_variant_can_be_pretrained(variant):
     assert frozen == ["head.last_layer.parametrizations.weight.original0"]  # norm_last_layer: g fixed at 1
 
 
+@pytest.mark.slow
 def test_teacher_is_the_ema_of_the_student(fake_cifar, tmp_path):
     cfg = ssl_config(fake_cifar, **{"train.max_steps": 1})
     P.pretrain(cfg, tmp_path / "r")
@@ -155,6 +99,7 @@ def test_teacher_is_the_ema_of_the_student(fake_cifar, tmp_path):
     assert all(torch.equal(two["model"][k], two["teacher"]["backbone." + k]) for k in two["model"])
 
 
+@pytest.mark.slow
 def test_pretrain_records_and_loss_falls(fake_cifar, tmp_path):
     """The loss is the teacher's entropy plus KL(teacher || student). Early in a run the entropy rises (the centre
     catches up with the outputs' common part, the teacher temperature warms up), so the part the student controls,
@@ -174,6 +119,7 @@ def test_pretrain_records_and_loss_falls(fake_cifar, tmp_path):
     assert json.loads((tmp_path / "run" / "result.json").read_text())["final_knn_acc"] == r["final_knn_acc"]
 
 
+@pytest.mark.slow
 def test_resume_and_sigterm_equal_the_uninterrupted_run(fake_cifar, tmp_path, monkeypatch):
     cfg = ssl_config(fake_cifar)
     P.pretrain(cfg, tmp_path / "full")
@@ -199,15 +145,7 @@ def test_resume_and_sigterm_equal_the_uninterrupted_run(fake_cifar, tmp_path, mo
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(tmp_path / "resumed"))
 
 
-def test_knn_classifier_on_separable_features():
-    torch.manual_seed(0)
-    centres = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
-    y = torch.arange(300) % 3
-    bank = torch.nn.functional.normalize(centres[y] + 0.05 * torch.randn(300, 8), dim=1)
-    votes = knn_predict(bank, y, bank[:30], 3, k=20, temperature=0.07)
-    assert (votes.argmax(1) == y[:30]).all()
-
-
+@pytest.mark.slow
 def test_cli_pretrain_then_knn_on_both_kinds_of_run(fake_cifar, tmp_path, capsys):
     common = ["--preset", "smoke", "--set", f"data.data_dir={fake_cifar}", "data.download=false", "data.subset=0",
               "data.test_subset=0", "train.threads=1", "train.max_steps=3", "ssl.local_crops=1", "ssl.out_dim=64"]
@@ -225,6 +163,7 @@ def test_cli_pretrain_then_knn_on_both_kinds_of_run(fake_cifar, tmp_path, capsys
     assert "ssl.clip_grad" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_the_teacher_backbone(fake_cifar, tmp_path):
     from smallvit import train
 
@@ -238,6 +177,7 @@ def test_finetune_starts_from_the_teacher_backbone(fake_cifar, tmp_path):
     assert body and all(torch.equal(model[k], teacher["backbone." + k]) for k in body)
 
 
+@pytest.mark.slow
 @needs_real_cifar
 def test_no_collapse_on_real_images_and_the_monitor_sees_one(tmp_path):
     """A tiny pre-training on 1024 real CIFAR-10 training images: the teacher's outputs neither collapse to one
@@ -401,3 +341,29 @@ def test_lr_schedule_is_the_parents_cosine_scheduler():
     assert np.allclose(ours[W:], parent[W:], rtol=1e-9, atol=1e-15)
     base = make_config("baseline").optim  # every other preset: the warm-up still starts at min_lr
     assert schedule_factor(0, 100, 10, base) * base.lr == pytest.approx(base.min_lr)
+
+
+# ---- the weight-decay schedule's groups
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fallback", ["adamw", "nadamw"])
+def test_every_decayed_group_follows_the_weight_decay_schedule(fallback, cifar, tmp_path, one_thread):
+    """Groups carry decay_scheduled (optim.param_groups); muon_fallback=nadamw once dropped its decayed group."""
+    over = {"optim.name": "muon", "optim.muon_fallback": fallback, "optim.decay_all": False,
+            "optim.weight_decay": 0.04, "ssl.weight_decay_end": 0.4}
+    cfg = smoke_config(cifar, **{**SSL, **over})
+    net = P.DINO(cfg)
+    groups = build_optimizer(net, resolve_lr(cfg.optim, cfg.train.batch_size), torch.device("cpu")).param_groups
+    flagged = {g["kind"] for g in groups if g["decay_scheduled"]}
+    assert flagged == {fallback}  # the fallback's decayed group; not its no-decay group, not Muon's own decay
+    P.pretrain(smoke_config(cifar, **{**SSL, **over, "train.max_steps": 3, "train.log_every_steps": 1}),
+               tmp_path / "p")
+    state = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    wd = [m["weight_decay"] for m in read_metrics(tmp_path / "p") if "weight_decay" in m]
+    assert wd[0] == pytest.approx(0.04) and wd[-1] > wd[0]
+    for g in state:
+        if g["decay_scheduled"]:
+            assert g["weight_decay"] == pytest.approx(wd[-1]), g["kind"]
+        else:
+            assert g["weight_decay"] in (0.0, cfg.optim.muon_weight_decay), g["kind"]

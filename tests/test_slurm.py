@@ -22,9 +22,9 @@ import torch
 
 from conftest import REPO, smoke_config, use_checksums, write_fake_cifar10
 from smallvit import slurm
-from smallvit.experiments import STUDIES
 from smallvit.cli import main
 from smallvit.config import parse_overrides
+from smallvit.experiments import STUDIES
 from smallvit.runs import load_checkpoint, read_metrics
 from smallvit.train import train
 
@@ -64,7 +64,7 @@ if os.environ.get("SMALLVIT_TEST_SUMS"):
 """
 SETS = ["data.download=false", "data.subset=0", "data.test_subset=0", "train.threads=1", "train.device=cpu"]
 PLAIN = ["aug.crop_pad=0", "aug.flip=false", "aug.autoaugment=none", "aug.erase_p=0", "aug.mixup=false",
-         "aug.cutmix=false", "model.drop_path=0"]  # as test_reliability's torchrun test: 2 ranks = 1 process
+         "aug.cutmix=false", "model.drop_path=0"]  # as test_lifecycle's torchrun test: 2 ranks = 1 process
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,7 @@ def test_node_local_folder_is_refused_on_a_multi_node_partition():
     slurm._check_shared(Path("/srv/studies"), nodes=4)
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_bad_requests_fail_before_anything_is_submitted(cluster, capsys, monkeypatch, tmp_path):
     before = _all_jobs()
@@ -147,6 +148,7 @@ def test_bad_requests_fail_before_anything_is_submitted(cluster, capsys, monkeyp
     assert _all_jobs() == before and not (tmp_path / "tiny" / "slurm").exists()
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_study_through_slurm_equals_in_process(cluster, capsys, tmp_path):
     """4 runs as one job array, 2 at a time; --status during and after; the same accuracies as in one process."""
@@ -180,6 +182,7 @@ def test_study_through_slurm_equals_in_process(cluster, capsys, tmp_path):
     assert "0 to run" in capsys.readouterr().out and len(list(folder.glob("*_submission.sh"))) == 1
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_failed_run_shows_its_log_and_error(cluster, capsys, tmp_path):
     """A run that fails inside its job (no dataset where it looks): --status says failed, with its log and error."""
@@ -210,6 +213,7 @@ def _step(out: Path) -> int:
     return max((r["step"] for r in read_metrics(out) if "loss" in r), default=0) if out.exists() else 0
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_signalled_job_is_requeued_and_resumes_exactly(cluster, capsys, tmp_path):
     """SIGTERM while the job runs (a preemption): the run checkpoints, the job is requeued through submitit, and the
@@ -237,6 +241,7 @@ def test_signalled_job_is_requeued_and_resumes_exactly(cluster, capsys, tmp_path
     assert curve == [(r["step"], r.get("loss"), r.get("test_acc")) for r in read_metrics(reference)]
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_two_tasks_on_one_node_equal_one_process(cluster, capsys, tmp_path):
     """`train --launcher slurm --nodes 1 --gpus-per-node 2`: 2 ranks from submitit's JobEnvironment, gloo on CPU."""
@@ -252,7 +257,7 @@ def test_two_tasks_on_one_node_equal_one_process(cluster, capsys, tmp_path):
     assert result["world_size"] == 2 and '"world_size": 2' in out
     wa, wb = load_checkpoint(one)["model"], load_checkpoint(two)["model"]
     for k in wa:
-        if not k.endswith("attn.k.bias"):  # zero true gradient, only rounding noise (see test_reliability.py)
+        if not k.endswith("attn.k.bias"):  # zero true gradient, only rounding noise (see test_lifecycle.py)
             torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
 
 

@@ -1,3 +1,5 @@
+"""Studies (ablate.py): the budget, skipped and resumed runs, several devices, reruns with other settings."""
+
 import json
 import sys
 from pathlib import Path
@@ -6,10 +8,9 @@ import pytest
 
 from conftest import REAL_DATA, needs_real_cifar, smoke_config
 from smallvit.ablate import ablate, plan, scaled
-from smallvit.experiments import STUDIES
 from smallvit.cli import main
 from smallvit.config import ConfigError
-from smallvit.experiments import make_config
+from smallvit.experiments import STUDIES, make_config
 from smallvit.report import report
 from smallvit.runs import load_checkpoint
 
@@ -30,6 +31,7 @@ def test_budget_scales_the_recipe():
     assert {r[2].model.latent for r in runs if r[0] == "mla-qkv"} == {"qkv"}
 
 
+@pytest.mark.slow
 def test_study_skips_finished_and_resumes_killed_runs(tiny_study, tmp_path, monkeypatch):
     calls = []
     train_module = sys.modules["smallvit.train"]
@@ -58,42 +60,7 @@ def test_study_skips_finished_and_resumes_killed_runs(tiny_study, tmp_path, monk
     assert len(calls) == 2 and all(c.endswith("seed2") for c in calls)
 
 
-def _fake_run(folder, acc, seed, params=1000, curve=((1.0, 50.0), (2.0, 60.0))):
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"train": {"seed": seed}}))
-    (folder / "result.json").write_text(json.dumps({
-        "final_test_acc": acc, "params": params, "flops_per_image": 2e9, "train_img_per_s": 100.0,
-        "wall_seconds": 60.0, "device": "cpu", "overrides": {}}))
-    (folder / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": int(e * 10), "epoch": e, "test_acc": a}) + "\n" for e, a in curve))
-
-
-def test_report_from_recorded_runs(tmp_path, capsys):
-    study = tmp_path / "augmentation"
-    study.mkdir()
-    (study / "study.json").write_text(json.dumps({"study": "augmentation", "seeds": 3,
-                                                  "ablations": ["baseline", "-aa", "-mixup", "-cutmix"]}))
-    for s, acc in enumerate([90.0, 91.0, 92.0]):
-        _fake_run(study / "baseline" / f"seed{s}", acc, s)
-    for s, acc in enumerate([85.0, 87.0]):
-        _fake_run(study / "-aa" / f"seed{s}", acc, s)
-    _fake_run(study / "-mixup" / "seed0", 91.5, 0)
-    r = report(study)
-    rows = {row["ablation"]: row for row in r["rows"]}
-    assert rows["baseline"]["acc_mean"] == pytest.approx(91.0) and rows["baseline"]["acc_std"] == pytest.approx(1.0)
-    assert rows["-aa"]["acc_mean"] == pytest.approx(86.0) and rows["-aa"]["delta"] == pytest.approx(-5.0)
-    assert rows["-aa"]["paper_acc"] == 92.14 and rows["-aa"]["paper_delta"] == pytest.approx(92.14 - 93.65)
-    assert rows["-mixup"]["significance"].startswith("n<2")
-    assert "-aa (2/3)" in r["missing"] and "-cutmix (0/3)" in r["missing"]
-    md = (study / "report.md").read_text()
-    assert "| -aa |" in md and "86.00 ± 1.41" in md and "Missing seeds" in md
-    assert (study / "report.csv").read_text().count("\n") == 4
-    for png in ("accuracy.png", "curves.png"):
-        assert (study / png).stat().st_size > 5000
-    assert main(["report", str(study)]) == 0 and "| baseline |" in capsys.readouterr().out
-    assert main(["report", str(tmp_path / "empty")]) == 2
-
-
+@pytest.mark.slow
 @needs_real_cifar
 def test_several_devices_run_side_by_side(monkeypatch, tmp_path):
     """Two 'devices' (both the CPU here): each run goes to its own `smallvit train` process, one per device."""
@@ -108,6 +75,7 @@ def test_several_devices_run_side_by_side(monkeypatch, tmp_path):
         assert result["step"] == 2 and (Path(r["folder"]) / "stdout.log").is_file()
 
 
+@pytest.mark.slow
 def test_study_rerun_with_other_settings_is_refused_or_trained_apart(tiny_study, tmp_path, capsys):
     """Finished runs are reused only when they are the runs the study would train now; otherwise one line names
     the differing key, nothing is trained or rewritten, and --new-folders trains the new settings beside them."""
