@@ -135,7 +135,7 @@ def test_mix_targets_sum_to_one_and_cutmix_lambda_matches_pixels(kind):
 
 
 def test_mix_switch_rates():
-    cfg = AugConfig()  # both on, mix_p 0.5: 25 % CutMix, 25 % Mixup, 50 % clean (SPEC 5.4)
+    cfg = AugConfig()  # both on, mix_p 0.5: 25 % CutMix, 25 % Mixup, 50 % clean (reference §5.4)
     x, t = torch.zeros(4, 3, 8, 8), torch.full((4, 10), 0.1)
     rng = np.random.default_rng(0)
     kinds = [augment.mix(x, t, cfg, rng, torch.Generator())[2] for _ in range(4000)]

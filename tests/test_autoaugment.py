@@ -145,7 +145,7 @@ def test_shear_matches_torchvision_away_from_the_border_band(op):
 
 
 def test_geometric_conventions_match_pil_reference():
-    # The reference uses PIL: shearX reads input (x + m y, y); rotate(+a) is counter-clockwise (SPEC 5.3.1).
+    # The reference uses PIL: shearX reads input (x + m y, y); rotate(+a) is counter-clockwise (reference §5.3.1).
     x = images(2)
     pil = Image.fromarray(x[0].permute(1, 2, 0).numpy())
     for v in (0.3, -0.2):

@@ -1,4 +1,4 @@
-"""model.arch = vit | swin | cait: reference shapes (SPEC 11), every command on every arch, refused knobs."""
+"""model.arch = vit | swin | cait: reference shapes (reference §11), every command on every arch, refused knobs."""
 
 import importlib.util
 import json
@@ -47,7 +47,7 @@ def _json(text: str):
 @pytest.mark.parametrize("preset,cls,params,gflops", [("swin", Swin, 7_048_612, 0.4819),
                                                        ("cait", Cait, 8_053_450, 1.0096)])
 def test_reference_shapes_and_parameter_counts(preset, cls, params, gflops):
-    # SPEC 11: 7.05 M and 8.05 M for CIFAR-10; the same on every supported timm (pyproject: checked at its lower
+    # reference §11: 7.05 M and 8.05 M for CIFAR-10; the same on every supported timm (pyproject: checked at its lower
     # bound 1.0.28 and at the lock's 1.0.31). A timm that builds them differently fails here, by design.
     assert tuple(int(x) for x in timm.__version__.split(".")[:3]) >= (1, 0, 28), f"timm {timm.__version__} < 1.0.28"
     model = build_model(make_config(preset).model)

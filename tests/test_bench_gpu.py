@@ -81,6 +81,7 @@ for script in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 def test_benchmark_scripts_run_without_installing_smallvit(tmp_path):
     scripts = [str(REPO / "benchmarks" / s) for s in ("bench_gpu.py", "bench_train.py", "bench_augment.py")]
     p = subprocess.run([sys.executable, "-c", NO_INSTALL, *scripts], cwd=tmp_path, capture_output=True, text=True,

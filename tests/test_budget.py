@@ -49,6 +49,7 @@ def test_budget_needs_a_warm_up_and_no_resizing():
         make_config("smoke", {"train.time_budget_s": -1})
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_decision(fake_cifar, tmp_path, capsys):
     """A run stopped after its decision (train.max_steps) continues on the recorded step count: no new
     measurement, the same budget.json, the checkpoint carries it, and the run ends at the decided step."""
@@ -67,6 +68,7 @@ def test_resume_keeps_the_decision(fake_cifar, tmp_path, capsys):
     assert rest["budget"] == decided
 
 
+@pytest.mark.slow
 def test_a_machine_that_slows_down_ends_early_within_the_budget(fake_cifar, tmp_path, monkeypatch, capsys):
     """After the decision every step takes 50 ms longer (another job on the cores): the run ends at a log step,
     with its final evaluation and result.json, inside the budget, and says where it stopped."""

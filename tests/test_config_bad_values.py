@@ -126,6 +126,7 @@ RANGE: dict[str, st.SearchStrategy[str]] = {
     "train.log_every_steps": below(1, True),
     "train.checkpoint_every_steps": below(0, True),
     "train.checkpoint_every_seconds": below(0),
+    "train.time_budget_s": below(0),
     "train.init_from": st.text("abcxyz_-", min_size=1).map(lambda s: f"/nonexistent-{s}/checkpoint.pt"),
     "train.wandb_project": st.tuples(st.text(), st.sampled_from(WANDB_FORBIDDEN)).map(lambda t: t[0] + t[1]),
     # W&B is off without a project, so these would be ignored: refused instead

@@ -11,12 +11,12 @@ from smallvit.model import count_params, flops_per_image, sincos_pos_embed
 
 
 @pytest.mark.parametrize("ablation,expected", [
-    ("baseline", 3_588_682),  # SPEC 6.1
+    ("baseline", 3_588_682),  # reference §6.1
     ("depth9", 2_697_610),
-    ("mla-q", 3_441_226), ("mla-k", 3_441_226),  # SPEC 6.6
+    ("mla-q", 3_441_226), ("mla-k", 3_441_226),  # reference §6.6
     ("mla-qk", 3_293_770), ("mla-kv", 3_293_770),
     ("mla-qkv", 3_146_314),
-    ("cls2", 3_590_986), ("cls4", 3_595_594), ("cls8", 3_604_810),  # SPEC 6.7
+    ("cls2", 3_590_986), ("cls4", 3_595_594), ("cls8", 3_604_810),  # reference §6.7
     ("cls4-ca2", 4_263_754),
 ])
 def test_parameter_counts(ablation, expected):
@@ -51,7 +51,7 @@ def test_every_ablation_forward_backward(ablation):
     out.logsumexp(1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     if cfg.model.class_attn_depth and cfg.model.class_attn == "reference":
-        # A finding, kept for parameter-count parity with SPEC 6.7: the reference projects the patches in the
+        # A finding, kept for parameter-count parity with reference §6.7: the reference projects the patches in the
         # last class-attention block too, but nothing reads them after it, so that projection never learns.
         last = f"cls_blocks.{cfg.model.class_attn_depth - 1}.attn.proj_patches."
         missing = [n for n in missing if not n.startswith(last)]

@@ -15,7 +15,7 @@ from smallvit.optim import build_optimizer, lr_at, param_groups, schedule_factor
 
 
 def test_schedule_matches_reference_trace():
-    # SPEC 8: B=256 single process -> W = 5,850, T = 58,500, from 1e-6 to 1e-3 and back to 1e-6.
+    # reference §8: B=256 single process -> W = 5,850, T = 58,500, from 1e-6 to 1e-3 and back to 1e-6.
     T, W, peak, lo = 58_500, 5_850, 1e-3, 1e-6
     assert lr_at(0, T, W, peak, lo) == pytest.approx(1e-6)
     assert lr_at(W // 2, T, W, peak, lo) == pytest.approx(lo + (peak - lo) * 0.5)
