@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import data as D
 from .backbones import build_model
@@ -55,20 +57,42 @@ def load(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> t
 
 
 @torch.no_grad()
-def predict_logits(model: ViT, x_uint8: torch.Tensor, mean, std, batch_size: int = 500,
-                   tta_flip: bool = False) -> torch.Tensor:
-    """Logits for uint8 images (N, C, H, W); with tta_flip, the mean of the image's and its mirror's logits."""
+def batch_logits(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 500, flip: bool = False,
+                 autocast=contextlib.nullcontext):
+    """The one evaluator: (start index, float32 logits) for each batch of uint8 images (N, C, H, W), normalised on
+    the model's device; with `flip`, the mean of each image's and its mirror's logits (flip test-time augmentation,
+    train.eval_flip). Training's evaluations, `smallvit eval` and `predict` all read their logits from here."""
     dev = next(model.parameters()).device
-    m = torch.tensor(mean, device=dev)
-    s = torch.tensor(std, device=dev)
-    out = []
+    mean, std = torch.as_tensor(mean, device=dev), torch.as_tensor(std, device=dev)
     for i in range(0, len(x_uint8), batch_size):
-        xb = D.normalize(x_uint8[i : i + batch_size].to(dev), m, s)
-        logits = model(xb)
-        if tta_flip:
-            logits = (logits + model(xb.flip(3))) / 2
-        out.append(logits.float().cpu())
-    return torch.cat(out)
+        xb = D.normalize(x_uint8[i : i + batch_size].to(dev), mean, std)
+        with autocast():
+            logits = model(xb).float()
+            if flip:
+                logits = (logits + model(xb.flip(3)).float()) / 2
+        yield i, logits
+
+
+def predict_logits(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 500,
+                   tta_flip: bool = False) -> torch.Tensor:
+    """Logits (on the CPU) for uint8 images; with tta_flip, the mean of the image's and its mirror's logits."""
+    return torch.cat([logits.cpu() for _, logits in batch_logits(model, x_uint8, mean, std, batch_size, tta_flip)])
+
+
+def accuracy_and_loss(model, x_uint8: torch.Tensor, y: torch.Tensor, mean, std, batch_size: int = 500,
+                      autocast=contextlib.nullcontext, flip: bool = False) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of a labelled uint8 set held on the model's device (training's
+    evaluations): in eval mode, the model's mode restored after."""
+    was = model.training
+    model.eval()
+    correct = torch.zeros((), device=x_uint8.device)
+    loss = torch.zeros((), device=x_uint8.device)
+    for i, logits in batch_logits(model, x_uint8, mean, std, batch_size, flip, autocast):
+        yb = y[i : i + batch_size]
+        loss += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    model.train(was)
+    return 100.0 * correct.item() / len(x_uint8), loss.item() / len(x_uint8)
 
 
 def confusion(pred: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:

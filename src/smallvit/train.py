@@ -15,7 +15,6 @@ exact, on another device type (other random generators) it is refused.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -32,6 +31,7 @@ from . import budget, pretrained, wandb_log
 from .augment import BatchAugment, resize, resolution_at
 from .backbones import build_model
 from .config import Config, ConfigError, res_stages, to_dict
+from .evaluate import accuracy_and_loss
 from .lifecycle import (
     BatchOrder,
     CheckpointClock,
@@ -58,33 +58,11 @@ from .model import count_params, draw_for_global_batch, flops_per_image
 from .optim import build_optimizer, match_device, resolve_lr, schedule_factor, set_lr
 from .runs import CHECKPOINT, TrainingError, atomic_write_json, load_model_state
 
-__all__ = ["TrainingError", "chunk_steps", "evaluate", "train"]  # TrainingError: what a caller catches
+__all__ = ["TrainingError", "chunk_steps", "train"]  # TrainingError: what a caller catches
 
 # Keys `smallvit train` never reads; the CLI refuses them when set (config.refuse_unread): the DINO section is
 # `smallvit pretrain`'s.
 UNREAD_KEYS = ("ssl.",)
-
-
-@torch.no_grad()
-def evaluate(model, x_test, y_test, mean, std, batch_size: int = 500, autocast=contextlib.nullcontext,
-             flip: bool = False):
-    """Top-1 accuracy (%) and mean cross-entropy on a uint8 test set held on the device; with `flip`, of the mean
-    of each image's and its mirror's logits (flip test-time augmentation, train.eval_flip)."""
-    model.eval()
-    correct = torch.zeros((), device=x_test.device)
-    loss = torch.zeros((), device=x_test.device)
-    for i in range(0, len(x_test), batch_size):
-        xb = D.normalize(x_test[i : i + batch_size], mean, std)
-        yb = y_test[i : i + batch_size]
-        with autocast():
-            logits = model(xb)
-            if flip:
-                logits = (logits.float() + model(xb.flip(3)).float()) / 2
-        loss += F.cross_entropy(logits.float(), yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    model.train()
-    n = len(x_test)
-    return 100.0 * correct.item() / n, loss.item() / n
 
 
 def train(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, step_hook=None) -> dict:
@@ -167,7 +145,7 @@ def _train(cfg: Config, out_dir, resume: bool, rank: int, world: int, device: to
     cut = 0  # the step where the time budget ended the run early (0: it did not)
     stages = res_stages(t.res_schedule)  # progressive resizing: (size, until fraction of the steps)
     scored = ema.module if ema is not None else model  # the weights evaluations score
-    evaluate_ = functools.partial(evaluate, scored, mean=mean, std=std, autocast=autocast, flip=t.eval_flip)
+    evaluate_ = functools.partial(accuracy_and_loss, scored, mean=mean, std=std, autocast=autocast, flip=t.eval_flip)
     bar = progress_bar(main, cfg, last_step, step)
     try:
         while step < last_step:
