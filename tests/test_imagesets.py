@@ -79,6 +79,18 @@ def _set_md5(monkeypatch, name, archive):
     _set(monkeypatch, name, archive_md5=hashlib.md5(archive.read_bytes()).hexdigest())
 
 
+def zipped_tiny_imagenet(tmp_path):
+    """(data folder, archive): only tiny-imagenet-200.zip, laid out as the official one, in tmp_path/data."""
+    src = write_tiny_imagenet(tmp_path / "src")
+    data = tmp_path / "data"
+    data.mkdir()
+    archive = data / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(src.rglob("*")):
+            z.write(p, p.relative_to(src.parent))
+    return data, archive
+
+
 def test_tiny_imagenet_official_layout(tmp_path, counts):
     f = write_tiny_imagenet(tmp_path)
     x, y = D.load("tinyimagenet", str(tmp_path), download=False, train=True, img_size=64)
@@ -110,13 +122,7 @@ def test_decoded_cache_is_used_and_invalidated_when_files_change(tmp_path, count
 
 
 def test_zip_is_checked_then_unpacked_and_a_corrupt_one_refused(tmp_path, counts, monkeypatch):
-    src = write_tiny_imagenet(tmp_path / "src")
-    data = tmp_path / "data"
-    data.mkdir()
-    archive = data / "tiny-imagenet-200.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for p in sorted(src.rglob("*")):
-            z.write(p, p.relative_to(src.parent))
+    data, archive = zipped_tiny_imagenet(tmp_path)
     with pytest.raises(D.DataError, match="corrupt or truncated"):  # the official md5 refuses this archive
         D.load("tinyimagenet", str(data), download=False)
     assert not (data / "tiny-imagenet-200").exists()
@@ -220,13 +226,7 @@ def test_concurrent_processes_unpack_and_cache_once(tmp_path):
     import subprocess
     import sys
 
-    src = write_tiny_imagenet(tmp_path / "src")
-    data = tmp_path / "data"
-    data.mkdir()
-    archive = data / "tiny-imagenet-200.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for p in sorted(src.rglob("*")):
-            z.write(p, p.relative_to(src.parent))
+    data, archive = zipped_tiny_imagenet(tmp_path)
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(data), md5], stdout=subprocess.PIPE, text=True)
              for _ in range(4)]
