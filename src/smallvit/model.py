@@ -53,8 +53,66 @@ class LowRankLinear(nn.Sequential):
         self.up = nn.Linear(rank, dim, bias=bias)
 
 
+class CpuAttention(torch.autograd.Function):
+    """Softmax attention of packed q, k, v (B, N, 3D) with `heads` heads -> (B, N, D), for tensors on the CPU.
+
+    Written by hand because torch's CPU scaled_dot_product_attention (its flash kernel) is slow at a small ViT's
+    sizes: 64 tokens with heads of 16-32 channels take about 1.5x the time of batched matrix products and a softmax
+    (benchmarks/bench_train.py prints the model-only step against timm's ViT, which uses it). Each head's q, k, v
+    are read in place from the packed projections (strided matrices, no copy to a heads-first layout, forward or
+    backward), and the backward is written out: softmax'(s) g = a * (g - rowsum(a * g)). Same result as
+    F.scaled_dot_product_attention to float rounding (tests/test_model.py).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        B, N, D3 = qkv.shape
+        d = D3 // 3 // heads
+        parts = qkv.view(B, N, 3, heads, d)
+        out = qkv.new_empty(B, N, heads, d)
+        probs = []
+        for h in range(heads):
+            q, k, v = parts[:, :, 0, h], parts[:, :, 1, h], parts[:, :, 2, h]  # (B, N, d) each
+            a = torch.bmm(q * d**-0.5, k.transpose(1, 2)).softmax(-1)  # (B, N, N); baddbmm's alpha is slower
+            out[:, :, h] = torch.bmm(a, v)
+            probs.append(a)
+        ctx.save_for_backward(qkv, *probs)
+        return out.view(B, N, heads * d)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        qkv, *probs = ctx.saved_tensors
+        B, N, D3 = qkv.shape
+        heads = len(probs)
+        d = D3 // 3 // heads
+        parts, g = qkv.view(B, N, 3, heads, d), g.view(B, N, heads, d)
+        grad = torch.empty_like(qkv)
+        grads = grad.view(B, N, 3, heads, d)
+        for h, a in enumerate(probs):
+            q, k, v, gh = parts[:, :, 0, h], parts[:, :, 1, h], parts[:, :, 2, h], g[:, :, h]
+            grads[:, :, 2, h] = torch.bmm(a.transpose(1, 2), gh)  # dv
+            ga = torch.bmm(gh, v.transpose(1, 2))  # d loss / d a
+            ga.mul_(a)
+            ga.addcmul_(a, ga.sum(-1, keepdim=True), value=-1)  # d loss / d scores: a * (g_a - rowsum(a * g_a))
+            grads[:, :, 0, h] = torch.bmm(ga, k).mul_(d**-0.5)  # dq
+            grads[:, :, 1, h] = torch.bmm(ga.transpose(1, 2), q).mul_(d**-0.5)  # dk
+        return grad, None
+
+
+def sdpa_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """CpuAttention's result with torch's scaled_dot_product_attention (its fused kernels on a GPU), scale d^-0.5
+    as the reference."""
+    B, N, D3 = qkv.shape
+    q, k, v = qkv.view(B, N, 3, heads, D3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D3 // 3)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v projections, any subset of them low-rank."""
+    """Multi-head self-attention with separate q, k, v projections, any subset of them low-rank.
+
+    The three full projections run as one matrix product (their weights concatenated, as timm's fused qkv Linear;
+    the parameters stay separate, so checkpoints and the weight map to timm are unchanged).
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, latent: str = "", latent_dim: int = 64,
                  kv_shared: bool = False):
@@ -72,6 +130,7 @@ class Attention(nn.Module):
         else:
             self.k = low() if "k" in latent else full()
             self.v = low() if "v" in latent else full()
+        self.fused = not kv_shared and not latent
         self.proj = nn.Linear(dim, dim)
 
     def _qkv(self, x):
@@ -80,15 +139,20 @@ class Attention(nn.Module):
             return self.q(x), self.k(z), self.v(z)
         return self.q(x), self.k(x), self.v(x)
 
+    def _packed_qkv(self, x):  # (B, N, D) -> (B, N, 3D): q, k, v side by side
+        if self.fused:
+            bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
+            return F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), bias)
+        return torch.cat(self._qkv(x), dim=-1)
+
     def _heads(self, x):  # (B, N, D) -> (B, h, N, d)
         B, N, _ = x.shape
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = (self._heads(t) for t in self._qkv(x))
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d), scale d^-0.5 as the reference
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        qkv = self._packed_qkv(x)
+        attend = CpuAttention.apply if x.device.type == "cpu" else sdpa_attention
+        return self.proj(attend(qkv, self.num_heads))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights (B, h, N, N), for inspection."""
@@ -221,9 +285,9 @@ class ViT(nn.Module):
                 # the target size). Not DINO's: that one passes a scale factor, see dino_interpolate_pos.
                 pos = resample_abs_pos_embed(pos, list(x.shape[-2:]), [self.grid, self.grid], self.num_cls,
                                              antialias=False)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
-        if not self.num_cls:
-            return x + pos
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), a view of the (B, D, h, w) convolution output
+        if not self.num_cls:  # contiguous: else the sum keeps the view's layout through every block, and each
+            return (x + pos).contiguous()  # layer norm (forward and backward) copies its input to row-major
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, K, D)
         return torch.cat([cls, x], dim=1) + pos
 
@@ -312,15 +376,19 @@ def count_params(model: nn.Module) -> int:
 
 def flops_per_image(model: nn.Module) -> int:
     """Forward FLOPs for one image (multiply-add = 2 FLOPs), counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+    # torch's counter has a formula for the CUDA kernels of scaled_dot_product_attention, none for the CPU one
+    # (timm's backbones and ClassAttention use it): count it the same, so attention is in the total on any device.
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
     c = model.cfg
     x = torch.zeros(1, c.in_chans, c.img_size, c.img_size, device=next(model.parameters()).device)
     was = model.training
     model.eval()
     # Not under no_grad: the counter's module tracker fails on timm's CaiT there (an expanded parameter
     # that requires grad without a grad_fn); the forward's graph is discarded.
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fc:
         model(x)
     model.train(was)
     return int(fc.get_total_flops())
