@@ -97,11 +97,10 @@ def plot_reliability(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], path:
         rows = bins(logits, y, n_bins)
         s = scores(logits, y, n_bins)
         ax, hist = axes[0, i], axes[1, i]
-        acc = [a if n else 0.0 for _, a, n in rows]
-        conf = [c if n else centres[b] for b, (c, _, n) in enumerate(rows)]
+        acc = [a if n else 0.0 for _, a, n in rows]  # empty bins: no bar
+        gap = [c - a if n else 0.0 for c, a, n in rows]
         ax.bar(centres, acc, width, edgecolor="black", lw=0.5, label="accuracy")
-        ax.bar(centres, [c - a for c, a in zip(conf, acc)], width, bottom=acc, color="tab:red", alpha=0.3,
-               label="gap to confidence")
+        ax.bar(centres, gap, width, bottom=acc, color="tab:red", alpha=0.3, label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

@@ -211,7 +211,7 @@ def corruption_accuracy(saved: Saved, x: torch.Tensor, y: torch.Tensor, suite: S
         for s in suite.severities:
             if official:
                 arr = np.load(official / f"{name}.npy", mmap_mode="r")[(s - 1) * len(x) : (s - 1) * len(x) + n]
-                images = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+                images = torch.from_numpy(np.array(arr)).permute(0, 3, 1, 2).contiguous()
             else:
                 images = cache.images(name, s, n)
             r = score(images)
