@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHORT_RUN, json_out, make_images, run_main, smoke_config, write_fake_cifar10
+from conftest import REAL_DATA, SHORT_RUN, json_out, make_images, needs_real_cifar, smoke_config, write_fake_cifar10
 from smallvit import calibration as cal
 from smallvit import corruptions as C
 from smallvit import robustness as R
@@ -107,6 +107,32 @@ def test_severity_moves_images_further_on_average(images, one_thread):
     dist = {s: np.mean([(C.corrupt(images, n, s).float() - images.float()).abs().mean().item() for n in C.NAMES])
             for s in (1, 3, 5)}
     assert dist[1] < dist[3] < dist[5]
+
+
+@needs_real_cifar
+def test_accuracy_falls_with_severity_on_real_images(one_thread):
+    """A cheap real classifier (ridge regression on 8x8-pooled pixels of 20,000 CIFAR-10 training images, 37% on
+    the test images) loses accuracy from severity 1 to 5, averaged over the 15 corruptions. The toy images of the
+    other tests are no use here: their classes are colours and stripes that survive every corruption."""
+    from smallvit import data as D
+
+    xt, yt = D.load("cifar10", str(REAL_DATA), download=False, train=True)
+    x, y = D.load("cifar10", str(REAL_DATA), download=False, train=False)
+    xt, yt, x, y = xt[:20000], yt[:20000], x[:200], y[:200]
+
+    def feats(imgs):
+        f = torch.nn.functional.avg_pool2d(imgs.double() / 255, 4).flatten(1)
+        return torch.cat([f, torch.ones(len(f), 1, dtype=torch.float64)], 1)
+
+    f = feats(xt)
+    w = torch.linalg.solve(f.T @ f + 0.1 * torch.eye(f.shape[1], dtype=torch.float64),
+                           f.T @ torch.nn.functional.one_hot(yt, 10).double())
+
+    def acc(imgs):
+        return 100 * ((feats(imgs) @ w).argmax(1) == y).double().mean().item()
+
+    by_sev = {s: np.mean([acc(C.corrupt(x, n, s)) for n in C.NAMES]) for s in (1, 5)}
+    assert acc(x) > 30 and acc(x) >= by_sev[1] > by_sev[5] + 1, (acc(x), by_sev)
 
 
 @pytest.mark.parametrize("severity", [1, 5])
@@ -284,25 +310,28 @@ def test_report_has_ece_and_corruption_columns(val_run, tmp_path):
     assert r["rows"][0]["corruption_acc_mean"] == pytest.approx(42.0)
 
 
+# the smoke model learns the toy classes in a few dozen steps without the heavy augmentation (test_train.py)
+LEARNS = ("train.epochs=8", "optim.lr=3e-3", "aug.autoaugment=none", "aug.mixup=false", "aug.cutmix=false",
+          "aug.erase_p=0")
+
+
 @pytest.mark.slow
 def test_accuracy_falls_with_severity_and_ablate_runs_the_suite(fake_cifar, tmp_path, capsys, restore_threads):
-    """A smoke model trained on the toy images (well above chance), then the study's suite on each run."""
+    """A study of smoke models, then the evaluation suite on each run, once."""
     code, err, out = run_main_out(
         capsys, "ablate", "patch", "--preset", "smoke", "--root", str(tmp_path / "studies"), "--data-dir",
         str(fake_cifar), "--eval-suite", "calibration,temperature,corruptions", "--corruption-images", "100",
         "--set", "data.download=false", "data.subset=0", "data.test_subset=0", "train.threads=1",
-        "data.val_images=60", "train.epochs=4")
+        "data.val_images=60", *LEARNS)
     assert code == 0, err
     assert "ECE % (mean ± std)" in out and "corruption acc %" in out
     suites = [R.read_suite(p.parent) for p in (tmp_path / "studies" / "patch").rglob("result.json")]
     assert len(suites) == 3 and all(s.get("temperature") and s.get("corruption_images") == 100 for s in suites)
-    by_sev = [np.mean([s["corruption_acc_by_severity"][str(k)] for s in suites]) for k in range(1, 6)]
-    clean = np.mean([s["corruption_clean_acc"] for s in suites])
-    assert clean > 50 and by_sev[0] > by_sev[4] and clean > by_sev[4], (clean, by_sev)
+    assert all(len(s["corruption_acc_table"]) == 15 and s["corruption_rel_drop"] is not None for s in suites)
     # a restarted study skips the suites already done
     code, err, out = run_main_out(
         capsys, "ablate", "patch", "--preset", "smoke", "--root", str(tmp_path / "studies"), "--data-dir",
         str(fake_cifar), "--eval-suite", "calibration,temperature,corruptions", "--corruption-images", "100",
         "--set", "data.download=false", "data.subset=0", "data.test_subset=0", "train.threads=1",
-        "data.val_images=60", "train.epochs=4")
+        "data.val_images=60", *LEARNS)
     assert code == 0 and "eval suite" not in out, out
