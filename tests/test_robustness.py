@@ -43,7 +43,8 @@ def test_ece_nll_brier_known_values():
     nll = sum(-right * math.log(conf) - (m - right) * math.log((1 - conf) / 9) for conf, m, right in groups) / n
     rest = lambda conf: (1 - conf) / 9  # noqa: E731
     brier = sum(right * ((1 - conf) ** 2 + 9 * rest(conf) ** 2)
-                + (m - right) * (conf**2 + (1 - rest(conf)) ** 2 + 8 * rest(conf) ** 2) for conf, m, right in groups) / n
+                + (m - right) * (conf**2 + (1 - rest(conf)) ** 2 + 8 * rest(conf) ** 2)
+                for conf, m, right in groups) / n
     s = cal.scores(logits, y)
     assert s["ece"] == pytest.approx(ece, abs=1e-5)
     assert s["nll"] == pytest.approx(nll, abs=1e-5)

@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="settings other than those of the study's existing runs: train them in STUDY@HASH/ beside it "
                         "(without it, such a study is refused)")
     p.add_argument("--eval-suite", default=None, metavar="PARTS",
-                   help="after the runs: calibration, temperature, corruptions (comma-separated) on each (eval-suite.json)")
-    p.add_argument("--corruption-images", type=int, default=0, help="with --eval-suite corruptions: first N test images")
+                   help="after the runs: calibration, temperature, corruptions (comma-separated) on each run")
+    p.add_argument("--corruption-images", type=int, default=0, help="--eval-suite corruptions: the first N test images")
     add_launcher_arguments(p, per_run=True)
     p.set_defaults(fn=cmd_ablate)
 
