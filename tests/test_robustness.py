@@ -336,3 +336,11 @@ def test_accuracy_falls_with_severity_and_ablate_runs_the_suite(fake_cifar, tmp_
         "--set", "data.download=false", "data.subset=0", "data.test_subset=0", "train.threads=1",
         "data.val_images=60", *LEARNS)
     assert code == 0 and "eval suite" not in out, out
+
+
+def test_without_torchmetrics_everything_but_ece(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # import torchmetrics raises ImportError
+    s = cal.scores(torch.randn(20, 10), torch.arange(20) % 10)
+    assert s["ece"] is None and s["nll"] > 0 and s["brier"] > 0
