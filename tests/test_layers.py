@@ -12,12 +12,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "smallvit"
 
 # Bottom to top. A module may import modules of its own layer or of the layers below; cycles are refused anyway.
 LAYERS: list[set[str]] = [
-    {"warp", "cpu_kernels", "datasets", "budget"},  # leaf helpers, dataset records: import nothing of smallvit's
+    # leaf helpers, dataset records, CIFAR-10-C's corruptions: import nothing of smallvit's
+    {"warp", "cpu_kernels", "datasets", "budget", "corruptions"},
     {"config"},  # the machinery: dataclasses, parsing, checks
     {"experiments"},  # presets, ablations, studies, speed-run ingredients, paper numbers
     {"runs", "data", "imagesets", "model", "backbones", "whiten", "optim", "autoaugment", "wandb_log", "distributed"},
     {"augment", "multicrop", "pretrained"},
-    {"evaluate", "knn", "lifecycle"},
+    {"evaluate", "knn", "lifecycle", "calibration", "robustness"},
     {"train"},
     {"pretrain", "profile", "predict", "export", "inspect_attn"},
     {"launchers", "slurm", "ablate", "report"},

@@ -53,9 +53,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_run
+    from .corruptions import NAMES
+    from .distributed import resolve_device
+    from .evaluate import evaluate_run, load_saved
+    from .robustness import Suite, check, evaluate_suite, parse_names, parse_severities
 
-    report = evaluate_run(args.run, data_dir=args.data_dir, tta_flip=args.tta_flip, out_dir=args.out)
+    # calibration always; temperature and corruptions on request (robustness.py, docs/robustness.md)
+    suite = Suite(tta_flip=args.tta_flip, temperature=args.temperature, severities=parse_severities(args.severities),
+                  corruptions=parse_names(args.corruptions, NAMES, "corruption"), seed=args.corruption_seed,
+                  corruption_images=args.corruption_images, cache=args.cache)
+    saved = load_saved(args.run, resolve_device(args.device))
+    check(saved.cfg, suite, args.run)  # before anything is written
+    report = evaluate_run(args.run, data_dir=args.data_dir, tta_flip=args.tta_flip, out_dir=args.out,
+                          device=args.device)
+    report.update(evaluate_suite(args.run, suite, args.data_dir, args.out, args.device, saved=saved))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -113,6 +124,7 @@ def cmd_ablate(args) -> int:
         overrides.setdefault("data.data_dir", args.data_dir)
     base = make_config(args.preset)  # every run of the study trains: --set values train does not read are refused
     refuse_unread(make_config(args.preset, overrides), base, UNREAD_KEYS, args.command)
+    suite = _study_suite(args, make_config(args.preset, overrides))
     devices = args.devices.split(",") if args.devices else None
     options = LAUNCHERS[args.launcher].options(args, f"smallvit-{args.study}")
     rows = ablate(args.study, args.seeds, args.preset, args.budget, args.root, overrides, devices, args.set,
@@ -124,11 +136,36 @@ def cmd_ablate(args) -> int:
             return 0
     done = sum(r["state"] == "done" for r in rows)
     print(f"{done}/{len(rows)} runs done in {base}")
+    if suite is not None:
+        _run_study_suite(rows, suite, args.data_dir)
     if done and not args.no_report:
         from .report import report
 
         print(report(base)["table"])
     return 0 if done == len(rows) else 1
+
+
+def _study_suite(args, cfg):
+    """The --eval-suite of `ablate`, checked against the study's config before anything trains (None: none)."""
+    from .robustness import SUITE_PARTS, check, parse_names, suite_from_parts
+
+    parts = parse_names(args.eval_suite, SUITE_PARTS, "--eval-suite part")
+    if not parts:
+        return None
+    suite = suite_from_parts(parts, corruption_images=args.corruption_images)
+    check(cfg, suite, "the study's runs")
+    return suite
+
+
+def _run_study_suite(rows, suite, data_dir) -> None:
+    """The evaluation suite on each finished run of a study that lacks it (a restarted study skips those done)."""
+    from .robustness import evaluate_suite, suite_done
+
+    for r in rows:
+        folder = Path(r["folder"])
+        if r["state"] == "done" and not suite_done(folder, suite):
+            print(f"[{r['ablation']} seed {r['seed']}] eval suite ({', '.join(suite.parts)})", flush=True)
+            evaluate_suite(folder, suite, data_dir)
 
 
 def cmd_report(args) -> int:
@@ -243,7 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--tta-flip", action="store_true", help="also report accuracy with horizontal-flip TTA")
-    p.add_argument("--out", default=None, help="folder for the confusion matrix PNG (default: the run folder)")
+    p.add_argument("--out", default=None, help="folder for the confusion matrix and reliability PNGs and "
+                   "eval-suite.json (default: the run folder)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--temperature", action="store_true",
+                   help="also calibration after temperature scaling fitted on the run's validation split")
+    p.add_argument("--corruptions", nargs="?", const="all", default=None, metavar="NAMES",
+                   help="accuracy under CIFAR-10-C's corruptions: all, or comma-separated names")
+    p.add_argument("--severities", default="1,2,3,4,5", help="corruption severities (1-5)")
+    p.add_argument("--corruption-images", type=int, default=0, help="corrupt the first N test images (0: all)")
+    p.add_argument("--corruption-seed", type=int, default=0, help="seed of the generated corruptions")
+    p.add_argument("--cache", default=None,
+                   help="folder of generated corrupted sets (default: DATA/<dataset>-c-generated)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("info", help="resolved config, parameter count and FLOPs")
@@ -269,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-folders", action="store_true",
                    help="settings other than those of the study's existing runs: train them in STUDY@HASH/ beside it "
                         "(without it, such a study is refused)")
+    p.add_argument("--eval-suite", default=None, metavar="PARTS",
+                   help="after the runs: calibration, temperature, corruptions (comma-separated) on each run")
+    p.add_argument("--corruption-images", type=int, default=0, help="--eval-suite corruptions: the first N test images")
     add_launcher_arguments(p, per_run=True)
     p.set_defaults(fn=cmd_ablate)
 

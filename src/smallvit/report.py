@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .experiments import ABLATIONS, PAPER_RESULTS
+from .robustness import read_suite
 from .runs import RESUME_FREE_KEYS, read_metrics
 
 
@@ -26,6 +27,7 @@ def collect(folder: Path) -> dict[str, list[dict]]:
         cfg_file = run / "config.json"
         rec["config"] = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None  # what the run trained
         rec["seed"] = rec["config"]["train"]["seed"] if rec["config"] else None
+        rec["suite"] = read_suite(run)  # eval-suite.json: calibration, corruptions ({} when not evaluated)
         name = run.parent.name if run.name.startswith("seed") else run.name
         groups.setdefault(name, []).append(rec)
     return groups
@@ -69,6 +71,11 @@ def table_rows(groups: dict[str, list[dict]], baseline: str = "baseline") -> lis
         ips = [r["train_img_per_s"] for r in recs if r.get("train_img_per_s")]
         vals = [r["final_val_acc"] for r in recs if r.get("final_val_acc") is not None]
         vm, vs = mean_std(vals) if vals else (None, None)
+        # the evaluation suite's, over the seeds evaluated with it: ECE (in %) and mean corruption accuracy
+        eces = [100 * r["suite"]["ece"] for r in recs if r.get("suite", {}).get("ece") is not None]
+        mcas = [r["suite"]["corruption_acc"] for r in recs if r.get("suite", {}).get("corruption_acc") is not None]
+        em, es = mean_std(eces) if eces else (None, None)
+        cm, cs = mean_std(mcas) if mcas else (None, None)
         rows.append({
             "ablation": name,
             "diff": json.dumps(_label(recs, groups.get(baseline), name)),
@@ -77,6 +84,10 @@ def table_rows(groups: dict[str, list[dict]], baseline: str = "baseline") -> lis
             "acc_std": s,
             "val_mean": vm,  # final validation accuracy (data.val_images > 0): where the recipe was chosen
             "val_std": vs,
+            "ece_mean": em,
+            "ece_std": es,
+            "corruption_acc_mean": cm,
+            "corruption_acc_std": cs,
             "delta": delta,
             "significance": significance(accs, base) if delta is not None else "",
             "paper_acc": paper,
@@ -119,8 +130,10 @@ def _fmt(v, spec):
 
 def markdown(rows: list[dict]) -> str:
     with_val = any(r["val_mean"] is not None for r in rows)
+    extra = [(k, title) for k, title in (("ece", "ECE % (mean ± std)"), ("corruption_acc", "corruption acc %"))
+             if any(r.get(f"{k}_mean") is not None for r in rows)]  # columns of the evaluation suite, when run
     head = ("| ablation | diff from baseline | n | " + ("val acc % (mean ± std) | " if with_val else "")
-            + "test acc % (mean ± std) | Δ vs baseline | significance | "
+            + "test acc % (mean ± std) | " + "".join(f"{t} | " for _, t in extra) + "Δ vs baseline | significance | "
             "paper % | paper Δ | params | GFLOP/img | img/s | wall min/run | device |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -128,6 +141,9 @@ def markdown(rows: list[dict]) -> str:
         if with_val:
             val = f"{r['val_mean']:.2f} ± {_fmt(r['val_std'], '.2f') or '–'}" if r["val_mean"] is not None else ""
             acc = f"{val} | {acc}"
+        for k, _ in extra:
+            m = r.get(f"{k}_mean")
+            acc += f" | {m:.2f} ± {_fmt(r[f'{k}_std'], '.2f') or '–'}" if m is not None else " | "
         lines.append(
             f"| {r['ablation']} | `{r['diff']}` | {r['n']} | {acc} | {_fmt(r['delta'], '+.2f')} | {r['significance']} "
             f"| {_fmt(r['paper_acc'], '.2f')} | {_fmt(r['paper_delta'], '+.2f')} | {r['params']:,} | "
