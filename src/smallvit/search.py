@@ -315,9 +315,8 @@ def fail_stale(study) -> int:
 
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        w = t.user_attrs.get("worker")
-        beat = t.user_attrs.get("heartbeat", 0.0)
-        if w is None or (w["pid"] == os.getpid() and w["host"] == socket.gethostname()):
+        w, beat = t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")
+        if w is None or beat is None or (w["pid"] == os.getpid() and w["host"] == socket.gethostname()):
             continue
         gone = not _alive(w["host"], w["pid"])
         silent = time.time() - beat > HEARTBEAT_GRACE_S
@@ -394,8 +393,8 @@ def run_trial(trial, folder: Path, s: Settings, extra: dict) -> list[float]:
 
     from .train import train
 
+    trial.set_user_attr("heartbeat", time.time())  # before "worker": fail_stale reads a trial with both
     trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-    trial.set_user_attr("heartbeat", time.time())
     params = suggest(trial, s.space)
     try:
         try:
