@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from smallvit import search as S
+from smallvit.search_report import pareto
 from smallvit.cli import main
 from smallvit.config import ConfigError
 from smallvit.experiments import SPACES
@@ -45,7 +46,6 @@ def args(cluster, root: Path, name: str, *extra: str, sets=()) -> list[str]:  # 
 def trials_of(root: Path, name: str, storage: str = ""):
     import optuna
 
-    s = S.read_settings(root / name)
     return optuna.load_study(study_name=name, storage=S.open_storage(storage, root / name)).get_trials()
 
 
@@ -94,7 +94,7 @@ def test_objectives_registry_and_parsing():
 
 
 def test_pareto_front():
-    assert S.pareto([(1, 10.0), (2, 5.0), (3, 20.0), (4, 20.0), (0.5, 1.0)]) == [4, 0, 2]
+    assert pareto([(1, 10.0), (2, 5.0), (3, 20.0), (4, 20.0), (0.5, 1.0)]) == [4, 0, 2]
 
 
 # ---- refusals: one line, exit 2, nothing written

@@ -138,7 +138,7 @@ def cmd_report(args) -> int:
     if not folder.exists():
         folder = Path(args.root) / args.study
     if (folder / "search.json").is_file():  # a design-space search's folder (search.py)
-        from .search import report as search_report
+        from .search_report import report as search_report
 
         r = search_report(folder)
         print(r["table"])
@@ -153,6 +153,7 @@ def cmd_report(args) -> int:
 def cmd_search(args) -> int:
     from . import search as S
     from .launchers import LAUNCHERS
+    from .search_report import report as search_report
     from .train import UNREAD_KEYS
 
     folder = Path(args.root) / args.name
@@ -160,7 +161,7 @@ def cmd_search(args) -> int:
         if getattr(args, opt) < 1:
             raise ConfigError(f"--{opt} must be at least 1, got {getattr(args, opt)}")
     if args.report:
-        r = S.report(folder)
+        r = search_report(folder)
         print(r["table"])
         print(f"wrote {r['markdown']}, {r['csv']}, " + ", ".join(r["plots"].values()))
         return 0
@@ -183,7 +184,7 @@ def cmd_search(args) -> int:
             return 0
     if args.finalize or args.retrain_top:
         S.finalize(folder, args.retrain_top or 3, args.seeds, final_sets, args.launcher, devices, options, args.wait)
-    r = S.report(folder)
+    r = search_report(folder)
     print(r["table"])
     print(f"wrote {r['markdown']}, {r['csv']}, " + ", ".join(r["plots"].values()))
     return 0

@@ -219,7 +219,8 @@ SPACES: dict[str, dict[str, object]] = {
         "model.latent": ["", "q", "k", "qk", "kv", "qkv"], "model.latent_dim": [32, 64, 96],
         "model.num_cls_tokens": [1, 2, 4, 8], "model.class_attn_depth": [0, 2], "model.cls_pool": ["concat", "mean"],
         "aug.repeat_mode": ["passes", "in_batch"], "optim.name": ["adamw", "lion", "muon"],
-        "optim.lr": {"low": 2e-4, "high": 3e-3, "log": True}, "optim.weight_decay": {"low": 0.01, "high": 0.5, "log": True},
+        "optim.lr": {"low": 2e-4, "high": 3e-3, "log": True},
+        "optim.weight_decay": {"low": 0.01, "high": 0.5, "log": True},
     },
 }
 
