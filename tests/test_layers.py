@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"evaluate", "knn", "lifecycle", "calibration", "robustness"},
     {"train"},
     {"pretrain", "profile", "predict", "export", "inspect_attn"},
-    {"launchers", "slurm", "ablate", "report"},
+    {"launchers", "slurm", "ablate", "report", "search", "search_report"},
     {"cli", "__init__", "__main__"},
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -1,4 +1,4 @@
-"""The `smallvit` command: train, eval, info, ablations, ablate, report, predict, export, profile, inspect, pretrain,
+"""The `smallvit` command: train, eval, info, ablations, ablate, search, report, predict, export, profile, inspect,
 knn."""
 
 from __future__ import annotations
@@ -174,9 +174,56 @@ def cmd_report(args) -> int:
     folder = Path(args.study)
     if not folder.exists():
         folder = Path(args.root) / args.study
+    if (folder / "search.json").is_file():  # a design-space search's folder (search.py)
+        from .search_report import report as search_report
+
+        r = search_report(folder)
+        print(r["table"])
+        print(f"wrote {r['markdown']}, {r['csv']}, " + ", ".join(r["plots"].values()))
+        return 0
     r = report(folder, args.out)
     print(r["table"])
     print(f"wrote {r['markdown']}, {r['csv']}, {r['bars']}, {r['curves']}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from . import search as S
+    from .launchers import LAUNCHERS
+    from .search_report import report as search_report
+    from .train import UNREAD_KEYS
+
+    folder = Path(args.root) / args.name
+    for opt in ("trials", "workers", "seeds"):
+        if getattr(args, opt) < 1:
+            raise ConfigError(f"--{opt} must be at least 1, got {getattr(args, opt)}")
+    if args.report:
+        r = search_report(folder)
+        print(r["table"])
+        print(f"wrote {r['markdown']}, {r['csv']}, " + ", ".join(r["plots"].values()))
+        return 0
+    devices = args.devices.split(",") if args.devices else None
+    options = LAUNCHERS[args.launcher].options(args, f"smallvit-search-{args.name}")
+    final_sets = parse_overrides(args.final_set)
+    if not args.finalize:
+        overrides = parse_overrides(args.set)
+        if args.data_dir:
+            overrides.setdefault("data.data_dir", args.data_dir)
+        objectives = [S.parse_objective(o) for o in args.objective or ["val_acc"]]
+        pruner = args.pruner or ("hyperband" if len(objectives) == 1 else "none")
+        s = S.Settings(args.name, args.preset, overrides, S.load_space(args.space), objectives, args.max_params,
+                       args.max_flops, pruner, args.storage, args.seed)
+        if args.retrain_top:
+            make_config(args.preset, {**overrides, **final_sets})  # the retrains' settings, checked before any run
+        S.search(s, args.root, args.trials, args.launcher, args.workers, devices, options, args.wait, UNREAD_KEYS)
+        if args.launcher == "slurm" and not args.wait:
+            print(f"follow with squeue; then: smallvit search {args.name} --root {args.root} --report")
+            return 0
+    if args.finalize or args.retrain_top:
+        S.finalize(folder, args.retrain_top or 3, args.seeds, final_sets, args.launcher, devices, options, args.wait)
+    r = search_report(folder)
+    print(r["table"])
+    print(f"wrote {r['markdown']}, {r['csv']}, " + ", ".join(r["plots"].values()))
     return 0
 
 
@@ -328,6 +375,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default="runs/studies")
     p.add_argument("--out", default=None, help="output folder (default: the study folder)")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("search", help="design-space search with Optuna: trials on the validation split, pruning, "
+                       "the top-k retrained on the test set (docs/search.md)")
+    p.add_argument("name", help="the study's name: its folder is ROOT/NAME")
+    p.add_argument("--preset", default="baseline", choices=sorted(PRESETS), help="scale of every trial")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--root", default="runs/search")
+    p.add_argument("--space", default="tiny", help="a space of smallvit.experiments.SPACES or a .json/.toml file")
+    p.add_argument("--objective", action="append", metavar="NAME[:max|min]",
+                   help="repeatable; default val_acc (see smallvit.search.OBJECTIVES)")
+    p.add_argument("--max-params", type=int, default=0, help="prune larger models before training")
+    p.add_argument("--max-flops", type=int, default=0, help="prune models of more forward FLOPs per image")
+    p.add_argument("--trials", type=int, default=20, help="trials of the study in all (a rerun runs the rest)")
+    p.add_argument("--pruner", choices=["none", "median", "hyperband"], default=None,
+                   help="default: hyperband for one objective, none for several")
+    p.add_argument("--storage", default="", help="an RDB URL (postgresql+psycopg://...); default: a journal file "
+                                                 "in the study folder")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (slurm: jobs of the array)")
+    p.add_argument("--devices", default=None, help="comma-separated devices, one worker process each")
+    p.add_argument("--seed", type=int, default=0, help="the samplers' seed")
+    p.add_argument("--retrain-top", type=int, default=0, help="then retrain the K best and the baseline")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of each retrain")
+    p.add_argument("--final-set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="overrides of the retrains only, e.g. the full train.time_budget_s")
+    p.add_argument("--finalize", action="store_true", help="only retrain the top-k (--retrain-top, default 3)")
+    p.add_argument("--report", action="store_true", help="only write the report")
+    add_launcher_arguments(p, per_run=True)
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("predict", help="top-k classes of image files (PNG, JPEG, any size)")
     p.add_argument("run", help="run folder or checkpoint file")

@@ -193,6 +193,38 @@ STUDIES: dict[str, list[str]] = {
 }
 
 
+# Design spaces for `smallvit search` (search.py, docs/search.md): each entry a config key with a list of choices or
+# a range {"low", "high", "log" (sample on a log scale), "step"}, int or float as the key is. A combination the
+# config refuses (heads not dividing the width) is recorded as a pruned trial, never trained.
+SPACES: dict[str, dict[str, object]] = {
+    # For the tests: a smoke-sized model, cheap to train.
+    "tiny": {"model.embed_dim": [16, 32], "model.depth": {"low": 1, "high": 2}, "model.num_heads": [2, 4],
+             "optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+    # The CPU speed run's knobs (--preset speedrun): shape, optimiser, schedule, regularisation, augmentation.
+    "speedrun": {
+        "model.embed_dim": [64, 96, 128, 192], "model.depth": {"low": 2, "high": 8}, "model.num_heads": [2, 3, 4, 6],
+        "model.mlp_ratio": [1.5, 2.0, 3.0, 4.0], "model.patch_size": [2, 4, 8],
+        "optim.lr": {"low": 5e-4, "high": 8e-3, "log": True}, "optim.muon_lr": {"low": 5e-3, "high": 5e-2, "log": True},
+        "optim.weight_decay": {"low": 5e-3, "high": 0.2, "log": True}, "optim.warmup_epochs": {"low": 1, "high": 3},
+        "train.label_smoothing": {"low": 0.0, "high": 0.2}, "aug.crop_pad": [0, 2, 4],
+        "aug.autoaugment": ["none", "rand"], "aug.randaugment_magnitude": {"low": 1, "high": 15},
+        "aug.erase_p": {"low": 0.0, "high": 0.3}, "aug.mixup": [False, True], "aug.cutmix": [False, True],
+    },
+    # The paper's knobs at the baseline's scale (--preset baseline; ABLATIONS' groups): augmentation, patch-token
+    # initialisation, low-rank q/k/v, CLS tokens and class attention, repeated augmentation, optimiser.
+    "paper": {
+        "aug.autoaugment": ["cifar10", "rand", "none"], "aug.mixup": [True, False], "aug.cutmix": [True, False],
+        "aug.erase_p": [0.0, 0.25], "train.label_smoothing": [0.0, 0.1],
+        "model.pos_embed": ["learned", "sincos"], "model.patch_init": ["default", "whiten"],
+        "model.latent": ["", "q", "k", "qk", "kv", "qkv"], "model.latent_dim": [32, 64, 96],
+        "model.num_cls_tokens": [1, 2, 4, 8], "model.class_attn_depth": [0, 2], "model.cls_pool": ["concat", "mean"],
+        "aug.repeat_mode": ["passes", "in_batch"], "optim.name": ["adamw", "lion", "muon"],
+        "optim.lr": {"low": 2e-4, "high": 3e-3, "log": True},
+        "optim.weight_decay": {"low": 0.01, "high": 0.5, "log": True},
+    },
+}
+
+
 def make_config(preset: str = "baseline", overrides: dict[str, object] | None = None,
                 ablation: str = "baseline") -> Config:
     """Build a config: the preset (scale), then the named ablation (what is studied), then dotted overrides."""
