@@ -7,13 +7,20 @@ Use --warmup and --steps as multiples of the chunk's steps (the table's "aug chu
 steps hold whole chunks.
 Timing is honest: warm-up steps are excluded and the device is synchronised before reading the clock.
 
+--timm adds, per preset, timm's VisionTransformer of the same shape holding the same weights (export.to_timm: the
+weight map the tests hold logits equal under) trained with the same optimiser on the same batch: model-only steps of
+the two alternate, one round each at a time, in this process, so a machine that speeds up or slows down (other
+processes, a VM's neighbours) moves both. The table gives each one's median over the rounds and their ratio.
+
     python benchmarks/bench_train.py --presets baseline quick --steps 10 --out benchmarks/results/train_cpu.md
+    python benchmarks/bench_train.py --presets speedrun --timm --rounds 30 --out benchmarks/results/train_vs_timm_cpu.md
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -83,6 +90,43 @@ def bench(preset: str, overrides: dict, steps: int, warmup: int, dev: torch.devi
     return cfg, B, K, count_params(model), flops_per_image(model), out
 
 
+def model_step(model, cfg, x, t, dev):
+    """One model-only training step of `model` (forward, loss, backward, optimiser step) on the batch x, t."""
+    opt = build_optimizer(model, cfg.optim, dev)
+
+    def step(i):
+        loss = torch.sum(-t * F.log_softmax(model(x).float(), 1), 1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def against_timm(preset: str, overrides: dict, rounds: int, steps: int, warmup: int, dev: torch.device,
+                 batch: int | None) -> tuple[float, float]:
+    """Median img/s of smallvit's and timm's same-shape ViT over alternating rounds of `steps` model-only steps."""
+    import statistics
+
+    from smallvit.export import to_timm
+
+    cfg = make_config(preset, overrides)
+    B = batch or cfg.train.batch_size
+    ours = build_model(cfg.model).to(dev).train()
+    theirs = to_timm(ours).to(dev).train()  # the same weights under the weight map
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, 3, cfg.model.img_size, cfg.model.img_size, generator=g).to(dev)
+    t = torch.softmax(torch.randn(B, cfg.model.num_classes, generator=g), 1).to(dev)
+    steps_of = {"timm": model_step(theirs, cfg, x, t, dev), "smallvit": model_step(ours, cfg, x, t, dev)}
+    rates = {k: [] for k in steps_of}
+    for fn in steps_of.values():
+        images_per_second(fn, 1, warmup, B, dev)
+    for _ in range(rounds):
+        for k, fn in steps_of.items():
+            rates[k].append(images_per_second(fn, steps, 0, B, dev))
+    return statistics.median(rates["smallvit"]), statistics.median(rates["timm"])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["baseline", "quick"])
@@ -93,10 +137,21 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--timm", action="store_true", help="the model-only step against timm's same-shape ViT instead")
+    p.add_argument("--rounds", type=int, default=20, help="--timm: alternating rounds of --steps steps each")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
+    if a.timm:
+        rows = ["| preset | params | batch | smallvit model-only img/s | timm ViT same shape img/s | ratio |",
+                "|---|---|---|---|---|---|"]
+        for preset in a.presets:
+            cfg = make_config(preset, parse_overrides(a.set))
+            ours, theirs = against_timm(preset, parse_overrides(a.set), a.rounds, a.steps, a.warmup, dev, a.batch)
+            rows.append(f"| {preset} | {count_params(build_model(cfg.model)):,} | {a.batch or cfg.train.batch_size} | "
+                        f"{ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x |")
+        return report(rows, dev, a.out, f"median of {a.rounds} alternating rounds of {a.steps} steps each; ")
     rows = ["| preset | params | GFLOP/img (fwd) | batch | aug chunk | model-only img/s | full step img/s "
             "| augment-only img/s | augment share of step |", "|---|---|---|---|---|---|---|---|---|"]
     for preset in a.presets:
@@ -104,12 +159,16 @@ def main():
         share = 1 - r["full"] / r["model-only"]
         rows.append(f"| {preset} | {n:,} | {fl / 1e9:.3f} | {B} | {K * B} | {r['model-only']:.0f} | {r['full']:.0f} | "
                     f"{r['augment-only']:.0f} | {100 * share:.1f}% |")
+    report(rows, dev, a.out)
+
+
+def report(rows: list[str], dev: torch.device, out: str | None, how: str = "") -> None:
     table = "\n".join(rows)
-    head = f"Training throughput on {device_name(dev)}, torch {torch.__version__}\n\n"
+    head = f"Training throughput on {device_name(dev)}, torch {torch.__version__}; {how}{time.strftime('%Y-%m-%d')}\n\n"
     print(head + table)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(head + table + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(head + table + "\n")
 
 
 if __name__ == "__main__":

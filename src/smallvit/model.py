@@ -60,8 +60,8 @@ class CpuAttention(torch.autograd.Function):
     sizes: 64 tokens with heads of 16-32 channels take about 1.5x the time of batched matrix products and a softmax
     (benchmarks/bench_train.py prints the model-only step against timm's ViT, which uses it). Each head's q, k, v
     are read in place from the packed projections (strided matrices, no copy to a heads-first layout, forward or
-    backward), and the backward is written out: softmax'(s) g = a * (g - rowsum(a * g)). Same result as
-    F.scaled_dot_product_attention to float rounding (tests/test_model.py).
+    backward), and the backward is written out: softmax'(s) g = a * (g - rowsum(a * g)), the row sums taken from the
+    output. Same result as F.scaled_dot_product_attention to float rounding (tests/test_model.py).
     """
 
     @staticmethod
@@ -76,24 +76,26 @@ class CpuAttention(torch.autograd.Function):
             a = torch.bmm(q * d**-0.5, k.transpose(1, 2)).softmax(-1)  # (B, N, N); baddbmm's alpha is slower
             out[:, :, h] = torch.bmm(a, v)
             probs.append(a)
-        ctx.save_for_backward(qkv, *probs)
-        return out.view(B, N, heads * d)
+        out = out.view(B, N, heads * d)
+        ctx.save_for_backward(qkv, out, *probs)
+        return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        qkv, *probs = ctx.saved_tensors
+        qkv, out, *probs = ctx.saved_tensors
         B, N, D3 = qkv.shape
         heads = len(probs)
         d = D3 // 3 // heads
         parts, g = qkv.view(B, N, 3, heads, d), g.view(B, N, heads, d)
+        # rowsum(a * g_a) = rowsum(g * out) per head (FlashAttention's D): a pass over (B, N, d), not (B, N, N)
+        rowsums = (g * out.view(B, N, heads, d)).sum(-1, keepdim=True)  # (B, N, heads, 1)
         grad = torch.empty_like(qkv)
         grads = grad.view(B, N, 3, heads, d)
         for h, a in enumerate(probs):
             q, k, v, gh = parts[:, :, 0, h], parts[:, :, 1, h], parts[:, :, 2, h], g[:, :, h]
             grads[:, :, 2, h] = torch.bmm(a.transpose(1, 2), gh)  # dv
             ga = torch.bmm(gh, v.transpose(1, 2))  # d loss / d a
-            ga.mul_(a)
-            ga.addcmul_(a, ga.sum(-1, keepdim=True), value=-1)  # d loss / d scores: a * (g_a - rowsum(a * g_a))
+            ga.sub_(rowsums[:, :, h]).mul_(a)  # d loss / d scores: a * (g_a - rowsum(a * g_a))
             grads[:, :, 0, h] = torch.bmm(ga, k).mul_(d**-0.5)  # dq
             grads[:, :, 1, h] = torch.bmm(ga.transpose(1, 2), q).mul_(d**-0.5)  # dk
         return grad, None
