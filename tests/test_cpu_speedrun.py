@@ -21,11 +21,12 @@ def test_cpu_speedrun_benchmark_runs_the_recipe_and_its_ablations(tmp_path):
             "train.epochs=2", "train.batch_size=100", "train.threads=1"]
     out = tmp_path / "table.md"
     args = ["--root", str(tmp_path / "runs"), "--data-dir", str(REAL_DATA), "--val-images", "100", "--seeds", "2",
-            "--ablations=baseline,-gap", "--set", *tiny, "--out", str(out)]
+            "--ablations=baseline,-gap", "--set", *tiny, "--out", str(out), "--plot", str(tmp_path / "acc.png")]
     assert cpu_speedrun.main(args) == 0
     text = out.read_text()
     assert "| speedrun (the recipe) | 1 |" in text and "| -gap (without it) | 1 |" in text
     assert "| **mean ± std** |" in text and text.count("| 0 |") == 1 and "| 1 |" in text
+    assert "| passes |" in text and (tmp_path / "acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     val = json.loads((tmp_path / "runs" / "val" / "-gap" / "seed0" / "result.json").read_text())
     assert (val["eval_split"] == "val" and val["val_images"] == 100
             and "model.num_cls_tokens" not in val["overrides"])  # a CLS token again

@@ -344,3 +344,30 @@ def test_without_torchmetrics_everything_but_ece(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchmetrics", None)  # import torchmetrics raises ImportError
     s = cal.scores(torch.randn(20, 10), torch.arange(20) % 10)
     assert s["ece"] is None and s["nll"] > 0 and s["brier"] > 0
+
+
+def test_validation_suite_scores_the_validation_split_for_search_objectives(val_run, cifar, tmp_path, restore_threads,
+                                                                              monkeypatch):
+    """search's "ece" and "corruption_acc" objectives: on the run's validation images, never the test set's."""
+    import shutil
+
+    from smallvit.search import OBJECTIVES
+
+    run = tmp_path / "trial-0000"
+    shutil.copytree(val_run, run)
+    seen, real = [], R._val_split
+
+    def spy(cfg, root, download):
+        x, y = real(cfg, root, download)
+        seen.append(len(y))
+        return x, y
+
+    monkeypatch.setattr(R, "_val_split", spy)
+
+    res = R.validation_suite(run, corruption_images=8, data_dir=str(cifar))
+    assert seen == [32] and res["split"] == "val" and res["val_images"] == 32 and res["corruption_images"] == 8
+    assert 0 <= res["ece"] <= 1 and 0 <= res["corruption_acc"] <= 100
+    assert len(res["corruption_acc_table"]) == 15 and (tmp_path / "val-corruptions" / "manifest.json").is_file()
+    for name, want in (("ece", res["ece"]), ("corruption_acc", res["corruption_acc"])):
+        o = OBJECTIVES[name]
+        assert R.read_json(run / o.file)[o.key] == want

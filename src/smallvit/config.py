@@ -280,7 +280,7 @@ def key_choices(key: str) -> tuple[str, ...]:
     return tuple(REGISTRIES[key]) if key in REGISTRIES else choices(VALID_KEYS[key])
 
 
-def _coerce(key: str, value, t):
+def coerce(key: str, value, t):
     """Convert `value` (a string from the CLI or a Python value) to type `t`, or raise ConfigError."""
     origin = typing.get_origin(t)
     if origin is Literal or key in REGISTRIES:  # one rule for every choice key: a new choice needs no check of its own
@@ -314,7 +314,7 @@ def _coerce(key: str, value, t):
             args = (args[0],) * len(value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {value!r}")
-        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+        return tuple(coerce(key, v, a) for v, a in zip(value, args))
     if t is bool:
         if isinstance(value, bool):
             return value
@@ -358,7 +358,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
             raise ConfigError(f"unknown config key {key!r}.{hint} Valid keys:\n  " + "\n  ".join(listed))
         section, name = key.split(".")
         sub = getattr(cfg, section)
-        sub = replace(sub, **{name: _coerce(key, value, VALID_KEYS[key])})
+        sub = replace(sub, **{name: coerce(key, value, VALID_KEYS[key])})
         cfg = replace(cfg, **{section: sub})
     validate(cfg)
     return cfg
@@ -420,7 +420,7 @@ def validate(cfg: Config) -> None:
     has a valid one before it reads any data or writes any file."""
     for key, t in VALID_KEYS.items():  # types and choices also of configs built in Python, not only of overrides
         section, name = key.split(".")
-        _coerce(key, getattr(getattr(cfg, section), name), t)
+        coerce(key, getattr(getattr(cfg, section), name), t)
     _validate_model(cfg.model)
     _validate_data(cfg)
     _validate_aug(cfg.aug)

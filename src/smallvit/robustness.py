@@ -189,13 +189,14 @@ class GeneratedCache:
 
 
 def corruption_accuracy(saved: Saved, x: torch.Tensor, y: torch.Tensor, suite: Suite, root: Path,
-                        device: torch.device) -> dict:
+                        device: torch.device, official_ok: bool = True) -> dict:
     """Accuracy (and ECE) on each corruption x severity of the first N test images, their mean and the relative
-    drop from the clean accuracy on the same images."""
+    drop from the clean accuracy on the same images. official_ok=False: always generated (images other than the
+    test set's)."""
     n = suite.corruption_images or len(x)
     n = min(n, len(x))
     info = saved.meta
-    official = official_folder(saved.cfg.data.dataset, root, y, suite.corruptions)
+    official = official_folder(saved.cfg.data.dataset, root, y, suite.corruptions) if official_ok else None
     cache_dir = Path(suite.cache) if suite.cache else root / f"{saved.cfg.data.dataset}-c-generated"
     cache = None if official else GeneratedCache(cache_dir, x, suite.seed, device)
     xs, ys = x[:n], y[:n]
@@ -298,6 +299,34 @@ def evaluate_suite(run: str | Path, suite: Suite, data_dir: str | None = None, o
     old = read_json(out / SUITE_FILE) if (out / SUITE_FILE).is_file() else {}
     merged = {**old, **res} if old.get("step") == res["step"] else res  # another checkpoint: start afresh
     atomic_write_json(out / SUITE_FILE, merged)
+    return res
+
+
+VAL_SUITE_FILE = "val-suite.json"
+
+
+def validation_suite(run_dir: str | Path, corruption_images: int = 500, cache: str | Path | None = None,
+                     data_dir: str | None = None) -> dict:
+    """Calibration and corruption accuracy on the run's validation split, never the test set: what a search may
+    select on (search.OBJECTIVES "ece" and "corruption_acc"). Every corruption and severity of the first
+    `corruption_images` validation images, generated and cached in `cache` (default: beside the run folder, shared by
+    the trials of a search, whose validation images are the same). Writes RUN/val-suite.json and returns it: acc,
+    ece, nll, brier, corruption_acc, corruption_rel_drop, ..."""
+    run_dir = Path(run_dir)
+    dev = resolve_device("auto")
+    saved = load_saved(run_dir, dev)
+    cfg = saved.cfg
+    if not cfg.data.val_images:
+        raise ConfigError(f"{run_dir} was trained without a validation split (data.val_images=0): its calibration "
+                          f"and robustness can only be scored on the test set (smallvit eval), not selected on")
+    root = _data_root(cfg, data_dir)
+    x, y = _val_split(cfg, root, cfg.data.download)
+    res = cal.scores(predict_logits(saved.model, x, saved.meta.mean, saved.meta.std, 500), y)
+    suite = Suite(corruptions=C.NAMES, corruption_images=corruption_images,
+                  cache=str(cache) if cache else str(run_dir.parent / "val-corruptions"))
+    res.update(corruption_accuracy(saved, x, y, suite, root, dev, official_ok=False), split="val",
+               val_images=len(y), step=saved.step)
+    atomic_write_json(run_dir / VAL_SUITE_FILE, res)
     return res
 
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import VALID_KEYS, ConfigError, _coerce, apply_overrides, refuse_unread
+from .config import VALID_KEYS, ConfigError, apply_overrides, coerce, refuse_unread
 from .experiments import SPACES, make_config
 from .runs import RESUME_FREE_KEYS, atomic_write_json, read_json
 
@@ -58,7 +58,19 @@ OBJECTIVES: dict[str, Objective] = {
     "params": Objective("minimize", "result.json", "params", "parameters"),
     "flops": Objective("minimize", "result.json", "flops_per_image", "forward FLOPs per image"),
     "seconds": Objective("minimize", "result.json", "wall_seconds", "wall seconds of the run"),
+    # robustness.validation_suite: on the validation split (the first 500 of its images for the corruptions)
+    "ece": Objective("minimize", "val-suite.json", "ece", "expected calibration error on the validation split",
+                     make=lambda run: _validation_suite(run)),
+    "corruption_acc": Objective("maximize", "val-suite.json", "corruption_acc", "mean accuracy (%) under the 15 "
+                                "corruptions x 5 severities of 500 validation images",
+                                make=lambda run: _validation_suite(run)),
 }
+
+
+def _validation_suite(run):
+    from .robustness import validation_suite
+
+    return validation_suite(run)
 PRUNERS = ("none", "median", "hyperband")
 
 
@@ -88,7 +100,7 @@ def parse_space(raw: dict, source: str) -> dict[str, object]:
         if isinstance(dim, list):
             if not dim:
                 raise ConfigError(f"space {source}: {key} has no choices")
-            values = [_coerce(key, v, t) for v in dim]
+            values = [coerce(key, v, t) for v in dim]
             if any(not isinstance(v, (bool, int, float, str)) for v in values):
                 raise ConfigError(f"space {source}: {key} takes tuples, which a space cannot choose")
             if len(set(values)) != len(values):
@@ -101,7 +113,7 @@ def parse_space(raw: dict, source: str) -> dict[str, object]:
                                   f"got {dim}")
             if t not in (int, float):
                 raise ConfigError(f"space {source}: {key} is not a number; give a list of choices")
-            lo, hi = _coerce(key, dim["low"], t), _coerce(key, dim["high"], t)
+            lo, hi = coerce(key, dim["low"], t), coerce(key, dim["high"], t)
             log = dim.get("log", False)
             if not isinstance(log, bool):
                 raise ConfigError(f"space {source}: {key}: log must be true or false, got {log!r}")
@@ -110,9 +122,9 @@ def parse_space(raw: dict, source: str) -> dict[str, object]:
             if log and lo <= 0:
                 raise ConfigError(f"space {source}: {key}: a log range needs low > 0, got {lo}")
             step = dim.get("step")
-            if step is not None and (log or _coerce(key, step, t) <= 0):
+            if step is not None and (log or coerce(key, step, t) <= 0):
                 raise ConfigError(f"space {source}: {key}: step must be positive and without log, got {step}")
-            space[key] = {"low": lo, "high": hi, "log": log, **({"step": _coerce(key, step, t)} if step else {})}
+            space[key] = {"low": lo, "high": hi, "log": log, **({"step": coerce(key, step, t)} if step else {})}
         else:
             raise ConfigError(f"space {source}: {key} must be a list of choices or {{low, high[, log]}}, got {dim!r}")
     return space
