@@ -202,6 +202,7 @@ def val_run(cifar, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_eval_suite_end_to_end(val_run, cifar, tmp_path, capsys, restore_threads):
     out = tmp_path / "out"
     code = run_main_out(capsys, "eval", str(val_run), "--data-dir", str(cifar), "--out", str(out), "--tta-flip",
@@ -234,6 +235,7 @@ def run_main_out(capsys, *args):
     (["--corruptions", "--severities", "0,3"], "corruption severity must be 1 to 5, got 0"),
     (["--corruptions", "fog", "--severities", "6"], "corruption severity must be 1 to 5, got 6"),
 ])
+@pytest.mark.slow
 def test_eval_bad_input_is_one_line(val_run, cifar, tmp_path, capsys, args, message):
     code, err, _ = run_main_out(capsys, "eval", str(val_run), "--data-dir", str(cifar), "--out", str(tmp_path / "o"),
                                 *args)
@@ -241,6 +243,7 @@ def test_eval_bad_input_is_one_line(val_run, cifar, tmp_path, capsys, args, mess
     assert err.count("\n") == 1 and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_temperature_needs_a_validation_split(timm_run, tmp_path, capsys):
     code, err, _ = run_main_out(capsys, "eval", str(timm_run), "--temperature", "--out", str(tmp_path / "o"))
     assert code == 2 and err.startswith("smallvit eval: error: temperature scaling is fitted on the validation "
@@ -270,6 +273,7 @@ def _official_files(root, y, shift: int = 0):
     return x
 
 
+@pytest.mark.slow
 def test_official_files_are_checked_and_used(val_run, tmp_path, monkeypatch, capsys):
     from smallvit import data as D
 
@@ -296,6 +300,7 @@ def test_official_files_are_checked_and_used(val_run, tmp_path, monkeypatch, cap
     assert code == 2 and "labels.npy is not the test labels" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_report_has_ece_and_corruption_columns(val_run, tmp_path):
     from smallvit.report import report
 
@@ -346,6 +351,7 @@ def test_without_torchmetrics_everything_but_ece(monkeypatch):
     assert s["ece"] is None and s["nll"] > 0 and s["brier"] > 0
 
 
+@pytest.mark.slow
 def test_validation_suite_scores_the_validation_split_for_search_objectives(val_run, cifar, tmp_path, restore_threads,
                                                                               monkeypatch):
     """search's "ece" and "corruption_acc" objectives: on the run's validation images, never the test set's."""
