@@ -153,7 +153,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self._packed_qkv(x)
-        attend = CpuAttention.apply if x.device.type == "cpu" else sdpa_attention
+        # CpuAttention is eager PyTorch's CPU path; tracers and compilers (ONNX, TorchScript, torch.export, inductor)
+        # get torch's attention op, which they know how to lower (the legacy ONNX exporter mistraces the per-head
+        # writes of CpuAttention's forward).
+        traced = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+        attend = CpuAttention.apply if x.device.type == "cpu" and not traced else sdpa_attention
         return self.proj(attend(qkv, self.num_heads))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
