@@ -472,11 +472,8 @@ def test_resuming_a_finished_run_changes_nothing(fake_cifar, tmp_path):
 def test_killed_before_the_first_checkpoint(fake_cifar, tmp_path, monkeypatch):
     """Records but no checkpoint: a plain rerun is refused, --resume starts over with a clean record."""
     out = tmp_path / "r"
-    _inject(monkeypatch, step=6, make=_die)
-    with pytest.raises(SystemExit):
-        T.train(one_thread_config(fake_cifar, **{"train.log_every_steps": 1}), out)
+    _train_killed_at(monkeypatch, 6, one_thread_config(fake_cifar, **{"train.log_every_steps": 1}), out)
     assert not (out / "checkpoint.pt").exists() and _max_step(out) == 6
-    monkeypatch.setattr(T, "BatchAugment", BatchAugment)
     with pytest.raises(CheckpointError, match="already holds a run"):
         T.train(one_thread_config(fake_cifar, **{"train.log_every_steps": 1}), out)
     T.train(one_thread_config(fake_cifar, **{"train.log_every_steps": 1, "train.max_steps": 8}), out, resume=True)
@@ -500,6 +497,14 @@ def _inject(monkeypatch, step: int, make):
             return (make(xb) if s == step else xb), tb
 
     monkeypatch.setattr(T, "BatchAugment", Faulty)
+
+
+def _train_killed_at(monkeypatch, step: int, cfg, out):
+    """Train `cfg` into `out` until the process dies at `step` (0-based), then restore the real augmentation."""
+    _inject(monkeypatch, step=step, make=_die)
+    with pytest.raises(SystemExit):
+        T.train(cfg, out)
+    monkeypatch.setattr(T, "BatchAugment", BatchAugment)
 
 
 @pytest.mark.slow
@@ -556,11 +561,8 @@ def test_nonfinite_loss_on_the_gpu_policy_stops_at_the_next_log(fake_cifar, tmp_
 @pytest.mark.slow
 def test_checkpoint_every_steps_bounds_the_loss(fake_cifar, tmp_path, monkeypatch):
     out = tmp_path / "r"
-    _inject(monkeypatch, step=7, make=_die)
-    with pytest.raises(SystemExit):
-        T.train(one_thread_config(fake_cifar, **{"train.checkpoint_every_steps": 3}), out)
+    _train_killed_at(monkeypatch, 7, one_thread_config(fake_cifar, **{"train.checkpoint_every_steps": 3}), out)
     assert load_checkpoint(out)["step"] == 6  # not the evaluation at step 9
-    monkeypatch.setattr(T, "BatchAugment", BatchAugment)
     T.train(one_thread_config(fake_cifar), out, resume=True)
     T.train(one_thread_config(fake_cifar), tmp_path / "full")
     _same_weights(out, tmp_path / "full")
