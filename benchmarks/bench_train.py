@@ -104,8 +104,9 @@ def model_step(model, cfg, x, t, dev):
 
 
 def against_timm(preset: str, overrides: dict, rounds: int, steps: int, warmup: int, dev: torch.device,
-                 batch: int | None) -> tuple[float, float]:
-    """Median img/s of smallvit's and timm's same-shape ViT over alternating rounds of `steps` model-only steps."""
+                 batch: int | None) -> tuple[int, int, float, float]:
+    """Parameters, batch and the median img/s of smallvit's and timm's same-shape ViT over alternating rounds of
+    `steps` model-only steps."""
     import statistics
 
     from smallvit.export import to_timm
@@ -124,7 +125,7 @@ def against_timm(preset: str, overrides: dict, rounds: int, steps: int, warmup: 
     for _ in range(rounds):
         for k, fn in steps_of.items():
             rates[k].append(images_per_second(fn, steps, 0, B, dev))
-    return statistics.median(rates["smallvit"]), statistics.median(rates["timm"])
+    return count_params(ours), B, statistics.median(rates["smallvit"]), statistics.median(rates["timm"])
 
 
 def main():
@@ -147,10 +148,8 @@ def main():
         rows = ["| preset | params | batch | smallvit model-only img/s | timm ViT same shape img/s | ratio |",
                 "|---|---|---|---|---|---|"]
         for preset in a.presets:
-            cfg = make_config(preset, parse_overrides(a.set))
-            ours, theirs = against_timm(preset, parse_overrides(a.set), a.rounds, a.steps, a.warmup, dev, a.batch)
-            rows.append(f"| {preset} | {count_params(build_model(cfg.model)):,} | {a.batch or cfg.train.batch_size} | "
-                        f"{ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x |")
+            n, B, ours, theirs = against_timm(preset, parse_overrides(a.set), a.rounds, a.steps, a.warmup, dev, a.batch)
+            rows.append(f"| {preset} | {n:,} | {B} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x |")
         return report(rows, dev, a.out, f"median of {a.rounds} alternating rounds of {a.steps} steps each; ")
     rows = ["| preset | params | GFLOP/img (fwd) | batch | aug chunk | model-only img/s | full step img/s "
             "| augment-only img/s | augment share of step |", "|---|---|---|---|---|---|---|---|---|"]

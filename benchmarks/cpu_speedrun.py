@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, help="also write accuracy against wall time to this PNG")
     args = p.parse_args(argv)
     root = Path(args.root)
-    parts = []
+    parts, ablation_rows, final_rows = [], [], []
     import torch
 
     env = environment(torch.device("cpu"))
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     if args.part in ("all", "ablations"):
         names = args.ablations.split(",") if args.ablations else STUDIES["speedrun"]
         sets = [f"data.val_images={args.val_images}", "train.eval_every_epochs=1", *args.set]
-        rows = ablation_rows = []
+        rows = ablation_rows
         for name in names:
             for seed in range(args.ablation_seeds):
                 rows.append(run(root / "val" / name / f"seed{seed}", name, seed, sets, args.data_dir))
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                              for seed in seeds]
         parts.append("### The recipe on the test set (as ./run.sh runs it)\n\n" + final_table(rows))
     if args.plot:
-        plot(locals().get("ablation_rows", []), locals().get("final_rows", []), args.plot)
+        plot(ablation_rows, final_rows, args.plot)
     text = header + "\n\n" + "\n\n".join(parts) + "\n"
     print(text)
     if args.out:

@@ -52,6 +52,12 @@ class Objective:
     make: object = None
 
 
+def _validation_suite(run):
+    from .robustness import validation_suite
+
+    return validation_suite(run)
+
+
 # One entry per objective (a metric written by `smallvit eval` into the run folder is one entry with its `make`).
 OBJECTIVES: dict[str, Objective] = {
     "val_acc": Objective("maximize", "result.json", "final_val_acc", "validation accuracy at the end (%)"),
@@ -60,17 +66,12 @@ OBJECTIVES: dict[str, Objective] = {
     "seconds": Objective("minimize", "result.json", "wall_seconds", "wall seconds of the run"),
     # robustness.validation_suite: on the validation split (the first 500 of its images for the corruptions)
     "ece": Objective("minimize", "val-suite.json", "ece", "expected calibration error on the validation split",
-                     make=lambda run: _validation_suite(run)),
+                     make=_validation_suite),
     "corruption_acc": Objective("maximize", "val-suite.json", "corruption_acc", "mean accuracy (%) under the 15 "
                                 "corruptions x 5 severities of 500 validation images",
-                                make=lambda run: _validation_suite(run)),
+                                make=_validation_suite),
 }
 
-
-def _validation_suite(run):
-    from .robustness import validation_suite
-
-    return validation_suite(run)
 PRUNERS = ("none", "median", "hyperband")
 
 
