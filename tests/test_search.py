@@ -132,17 +132,24 @@ def test_malformed_space_file(cluster, capsys, tmp_path):  # noqa: F811
 # ---- in process (trainings are `slow`, as every training in the suite)
 
 
-def test_infeasible_and_invalid_trials_are_pruned_without_training(cluster, capsys, monkeypatch, tmp_path):  # noqa: F811
-    trained = []
+@pytest.fixture
+def trained(monkeypatch):
+    """Trials without training: `train` records the (width, heads) it was given and scores the width."""
+    calls = []
 
-    def fake_train(cfg, out, resume=False, step_hook=None):  # records what would train; writes a run's result
-        trained.append((cfg.model.embed_dim, cfg.model.num_heads))
+    def fake_train(cfg, out, resume=False, step_hook=None):
+        calls.append((cfg.model.embed_dim, cfg.model.num_heads))
         Path(out).mkdir(parents=True)
-        result = {"status": "done", "final_val_acc": 50.0, "params": 1, "flops_per_image": 1, "wall_seconds": 1.0}
+        result = {"status": "done", "final_val_acc": float(cfg.model.embed_dim), "params": 1, "flops_per_image": 1,
+                  "wall_seconds": 1.0}
         (Path(out) / "result.json").write_text(json.dumps(result))
         return result
 
     monkeypatch.setattr(importlib.import_module("smallvit.train"), "train", fake_train)
+    return calls
+
+
+def test_infeasible_and_invalid_trials_are_pruned_without_training(cluster, capsys, trained, tmp_path):  # noqa: F811
     space = tmp_path / "space.json"  # heads 3 divides neither width; width 32 has too many parameters
     space.write_text(json.dumps({"model.embed_dim": [16, 32], "model.num_heads": [3, 4]}))
     code = main(args(cluster, tmp_path, "cons", "--space", str(space), "--trials", "8", "--max-params", "15000"))
@@ -158,7 +165,46 @@ def test_infeasible_and_invalid_trials_are_pruned_without_training(cluster, caps
         if reasons[t.number]:  # pruned before training: no run folder
             assert t.state.name == "PRUNED" and not folder.exists()
         else:
-            assert t.state.name == "COMPLETE" and t.values == [50.0] and (folder / "result.json").is_file()
+            assert t.state.name == "COMPLETE" and t.values == [16.0] and (folder / "result.json").is_file()
+
+
+def test_enqueue_preset_tries_the_hand_made_point_first_once(cluster, capsys, trained, tmp_path):  # noqa: F811
+    cmd = args(cluster, tmp_path, "pre", "--space", "tiny", "--pruner", "none", "--enqueue-preset")
+    assert main([*cmd, "--trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "queued as the next trial" in out and "trial 0 (the preset): complete: val 32.00%" in out, out
+    smoke = S.read_settings(tmp_path / "pre").base()
+    first = trials_of(tmp_path, "pre")[0]
+    assert first.user_attrs["preset"] and first.params == {"model.embed_dim": smoke.model.embed_dim,
+                                                           "model.depth": smoke.model.depth,
+                                                           "model.num_heads": smoke.model.num_heads,
+                                                           "optim.lr": smoke.optim.lr}
+    assert main([*cmd, "--trials", "3"]) == 0  # a rerun does not queue it again
+    assert "queued as the next trial" not in capsys.readouterr().out
+    assert sum(bool(t.user_attrs.get("preset")) for t in trials_of(tmp_path, "pre")) == 1
+    assert "| 0 (preset) | complete |" in (tmp_path / "pre" / "search.md").read_text()
+
+
+def test_finalize_refuses_to_mix_retrains_of_other_overrides(cluster, capsys, trained, tmp_path):  # noqa: F811
+    assert main(args(cluster, tmp_path, "mix", "--space", "tiny", "--pruner", "none", "--trials", "2")) == 0
+    final = tmp_path / "mix" / "final"
+    final.mkdir()
+    (final / "final.json").write_text(json.dumps({"entries": {"baseline": {}}, "seeds": 3, "overrides": {
+        "data.val_images": 0, "train.eval_every_epochs": 0, "train.time_budget_s": 120.0}}))
+    capsys.readouterr()
+    code = main(["search", "mix", "--root", str(tmp_path), "--finalize", "--final-set", "train.time_budget_s=590"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "holds retrains with other overrides" in err, err
+    assert [p.name for p in final.iterdir()] == ["final.json"]  # nothing trained, the record kept
+
+
+def test_enqueue_preset_outside_the_space_is_refused(cluster, capsys, tmp_path):  # noqa: F811
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"model.embed_dim": [16, 24]}))  # the smoke preset's width is 32
+    code = main(args(cluster, tmp_path, "bad", "--space", str(space), "--enqueue-preset"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the preset's model.embed_dim=32 is not among" in err, err
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.fixture(scope="module")

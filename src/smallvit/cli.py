@@ -215,7 +215,8 @@ def cmd_search(args) -> int:
                        args.max_flops, pruner, args.storage, args.seed)
         if args.retrain_top:
             make_config(args.preset, {**overrides, **final_sets})  # the retrains' settings, checked before any run
-        S.search(s, args.root, args.trials, args.launcher, args.workers, devices, options, args.wait, UNREAD_KEYS)
+        S.search(s, args.root, args.trials, args.launcher, args.workers, devices, options, args.wait, UNREAD_KEYS,
+                 args.enqueue_preset)
         if args.launcher == "slurm" and not args.wait:
             print(f"follow with squeue; then: smallvit search {args.name} --root {args.root} --report")
             return 0
@@ -396,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="worker processes (slurm: jobs of the array)")
     p.add_argument("--devices", default=None, help="comma-separated devices, one worker process each")
     p.add_argument("--seed", type=int, default=0, help="the samplers' seed")
+    p.add_argument("--enqueue-preset", action="store_true",
+                   help="try the preset's own values of the space's keys first (once per study)")
     p.add_argument("--retrain-top", type=int, default=0, help="then retrain the K best and the baseline")
     p.add_argument("--seeds", type=int, default=3, help="seeds of each retrain")
     p.add_argument("--final-set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",

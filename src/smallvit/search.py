@@ -160,6 +160,29 @@ def suggest(trial, space: dict) -> dict[str, object]:
     return out
 
 
+def preset_point(s: "Settings") -> dict[str, object]:
+    """The preset's own values (with --set) of the space's keys: the hand-made configuration as a point of the space,
+    refused in one line where it is not one (a value outside a key's choices)."""
+    base, point = s.base(), {}
+    for key, dim in s.space.items():
+        section, name = key.split(".")
+        value = getattr(getattr(base, section), name)
+        if isinstance(dim, list) and value not in dim:
+            raise ConfigError(f"--enqueue-preset: the preset's {key}={value!r} is not among the space's choices "
+                              f"{dim}; add it to the space or leave --enqueue-preset out")
+        point[key] = value
+    return point
+
+
+def enqueue_preset(study, s: "Settings") -> bool:
+    """Queue the preset's point as a trial, once per study (Optuna's enqueue_trial: the sampler then knows the
+    hand-made configuration's score at the search's cost, and the report ranks it among the trials)."""
+    if any(t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False)):
+        return False
+    study.enqueue_trial(preset_point(s), user_attrs={"preset": True}, skip_if_exists=False)
+    return True
+
+
 def corners(space: dict, limit: int = 64, seed: int = 0) -> list[dict]:
     """Up to `limit` points of the space's corners (each range's ends, each choice): where the smallest model is."""
     axes = [[(k, v) for v in (dim if isinstance(dim, list) else [dim["low"], dim["high"]])] for k, dim in space.items()]
@@ -459,8 +482,22 @@ def work(folder: str | Path, n_trials: int, device: str = "", worker: int = 0) -
         extra["train.threads"] = int(os.environ["SLURM_CPUS_PER_TASK"])
     for _ in range(n_trials):
         fail_stale(study)
-        study.optimize(lambda t: run_trial(t, folder, s, extra), n_trials=1, catch=(Exception,),
-                       gc_after_trial=False)
+        done = []
+        study.optimize(lambda t: done.append(t.number) or run_trial(t, folder, s, extra), n_trials=1,
+                       catch=(Exception,), gc_after_trial=False)
+        if done:
+            print(trial_line(study.get_trials(deepcopy=False)[done[0]]), flush=True)
+
+
+def trial_line(t) -> str:
+    """One line per finished trial for the worker's output: its state, score, size and cost, or why it stopped."""
+    a = t.user_attrs
+    why = a.get("prune_reason") or a.get("error") or ""
+    acc = f"val {a['val_acc']:.2f}%" if a.get("val_acc") is not None else ""
+    size = f"{a['params'] / 1e6:.2f}M params, {a['flops'] / 1e6:.0f} MFLOPs" if "params" in a else ""
+    secs = f"{a['seconds']:.0f} s" if "seconds" in a else ""
+    what = " (the preset)" if a.get("preset") else ""
+    return f"trial {t.number}{what}: {t.state.name.lower()}: " + ", ".join(x for x in (acc, size, secs, why) if x)
 
 
 def study_trials(folder: Path, s: Settings) -> list:
@@ -533,16 +570,22 @@ def submit_workers(folder: Path, n: int, workers: int, res, wait: bool) -> list[
 
 
 def search(s: Settings, root: str | Path, trials: int, launcher: str = "local", workers: int = 1,
-           devices: list[str] | None = None, options=None, wait: bool = False, unread: tuple[str, ...] = ()) -> Path:
+           devices: list[str] | None = None, options=None, wait: bool = False, unread: tuple[str, ...] = (),
+           with_preset: bool = False) -> Path:
     """Check everything, write search.json, then run the trials still missing towards `trials` through a launcher:
-    local (this process, or `workers`/`devices` processes side by side) or slurm (a job array of workers)."""
+    local (this process, or `workers`/`devices` processes side by side) or slurm (a job array of workers).
+    `with_preset`: the preset's own point of the space is the next trial (once per study)."""
     folder = Path(root) / s.name
     check(s, unread)
+    if with_preset:
+        preset_point(s)  # refused before anything is written
     same_settings(folder, s)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / SETTINGS, asdict(s))
     study = load_study(folder, s, s.seed)
     fail_stale(study)
+    if with_preset and enqueue_preset(study, s):
+        print("the preset's own values of the space's keys are queued as the next trial", flush=True)
     done, busy = counted(study)
     running = busy - sum(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False))
     todo = max(0, trials - done - running)  # a queued retry is one of the trials still to run
@@ -582,11 +625,19 @@ def finalize(folder: Path, top: int, seeds: int, final_overrides: dict | None = 
 
     s = read_settings(folder)
     study = load_study(folder, s, s.seed)
-    best = top_trials(study, top)
+    # the preset's own trial (--enqueue-preset) is the baseline, which is retrained anyway
+    best = [t for t in top_trials(study, top + 1) if not t.user_attrs.get("preset")][:top]
     if not best:
         raise ConfigError(f"no complete trial in {folder} to retrain; run the search first")
     fin = {**RETRAIN, **(final_overrides or {})}
     entries = {"baseline": {}} | {f"trial-{t.number:04d}": t.params for t in best}
+    record = folder / FINAL / "final.json"
+    if record.is_file():  # retrains already there were made with their overrides: never mix two protocols
+        before = read_json(record)
+        if before["overrides"] != json.loads(json.dumps(fin)):
+            raise ConfigError(f"{folder / FINAL} holds retrains with other overrides ({before['overrides']}, now "
+                              f"{fin}); use the same --final-set, or another NAME or --root")
+        entries = before["entries"] | entries  # a larger --retrain-top adds to them
     todo = []
     for label, params in entries.items():
         cfg = make_config(s.preset, {**s.overrides, **params, **fin})
@@ -595,7 +646,8 @@ def finalize(folder: Path, top: int, seeds: int, final_overrides: dict | None = 
             if run_state(run) != "done":
                 todo.append((label, seed, apply_overrides(cfg, {"train.seed": seed}), run))
     (folder / FINAL).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / FINAL / "final.json", {"entries": entries, "seeds": seeds, "overrides": fin})
+    seeds_done = read_json(record)["seeds"] if record.is_file() else 0
+    atomic_write_json(record, {"entries": entries, "seeds": max(seeds, seeds_done), "overrides": fin})
     print(f"retraining the top {len(best)} and the baseline x {seeds} seeds on the full training set: "
           f"{len(todo)} runs to go", flush=True)
     name = launcher if launcher == "slurm" else "local"  # devices' processes rebuild configs from ablation names

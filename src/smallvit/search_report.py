@@ -46,7 +46,7 @@ def report(folder: str | Path) -> dict:
     rows = []
     for t in trials:
         a = t.user_attrs
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "params": a.get("params"),
+        rows.append({"trial": f"{t.number} (preset)" if a.get("preset") else t.number, "state": t.state.name.lower(), "params": a.get("params"),
                      "flops": a.get("flops"), "seconds": round(a["seconds"], 1) if "seconds" in a else None,
                      "val_acc": a.get("val_acc"), **{k: t.params.get(k) for k in knobs},
                      "values": ",".join(f"{v:.4g}" for v in t.values) if t.values else "",
@@ -73,10 +73,12 @@ def report(folder: str | Path) -> dict:
     plots = {}
     md += ["", "## Pareto fronts (validation accuracy against cost)", ""]
     for cost in ("params", "flops", "seconds"):
-        pts = [(r[cost], r["val_acc"]) for r in done if r[cost] is not None]
-        front = [done[i]["trial"] for i in pareto(pts)] if pts else []
+        used = [r for r in done if r[cost] is not None]
+        pts = [(r[cost], r["val_acc"]) for r in used]
+        front = [used[i]["trial"] for i in pareto(pts)] if pts else []
         path = folder / f"pareto-{cost}.png"
-        plot_front(pts, pareto(pts) if pts else [], cost, path)
+        preset = next((i for i, r in enumerate(used) if str(r["trial"]).endswith("(preset)")), None)
+        plot_front(pts, pareto(pts) if pts else [], cost, path, preset)
         plots[cost] = str(path)
         md.append(f"- {cost}: trials {', '.join(map(str, front)) or 'none yet'} ([plot]({path.name}))")
     md += ["", "## Importance (fANOVA, of the first objective)", ""]
@@ -92,9 +94,10 @@ def report(folder: str | Path) -> dict:
     md += ["", "## Retrained on the full training set, scored once on the test set", ""]
     final_rows = final_table(folder)
     if final_rows:
-        md += ["| run | seeds | test acc (%) | Δ vs baseline | params | knobs |", "|---|---|---|---|---|---|"]
+        md += ["| run | seeds | test acc (%) | Δ vs baseline | params | passes | wall s | knobs |",
+               "|---|---|---|---|---|---|---|---|"]
         md += [f"| {r['label']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['delta']} | {r['params']} | "
-               f"{r['knobs']} |" for r in final_rows]
+               f"{r['passes']:.2f} | {r['seconds']:.0f} | {r['knobs']} |" for r in final_rows]
     else:
         md.append(f"Not yet: `smallvit search {s.name} --finalize --retrain-top 3 --seeds 3`.")
     text = "\n".join(md) + "\n"
@@ -117,14 +120,18 @@ def final_table(folder: Path) -> list[dict]:
         accs = [r["final_test_acc"] for r in recs]
         m, sd = mean_std(accs)
         rows.append({"label": label, "n": len(accs), "mean": m, "std": 0.0 if math.isnan(sd) else sd,
-                     "params": recs[0].get("params"), "knobs": json.dumps(params), "accs": accs})
+                     "params": recs[0].get("params"), "knobs": json.dumps(params), "accs": accs,
+                     "passes": sum(r.get("epochs_done", 0) for r in recs) / len(recs),
+                     "seconds": sum(r.get("wall_seconds", 0) for r in recs) / len(recs)})
     base = next((r["mean"] for r in rows if r["label"] == "baseline"), None)
     for r in rows:
         r["delta"] = "" if base is None or r["label"] == "baseline" else f"{r['mean'] - base:+.2f}"
     return rows
 
 
-def plot_front(points: list[tuple[float, float]], front: list[int], cost: str, path: Path) -> None:
+def plot_front(points: list[tuple[float, float]], front: list[int], cost: str, path: Path,
+               preset: int | None = None) -> None:
+    """The trials (grey), their Pareto front (red) and the preset's own trial (`preset`: its index in `points`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,6 +142,9 @@ def plot_front(points: list[tuple[float, float]], front: list[int], cost: str, p
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, c="0.6", label="trials")
         f = sorted((points[i] for i in front), key=lambda p: p[0])
         ax.step([p[0] for p in f], [p[1] for p in f], where="post", c="C3", marker="o", label="Pareto front")
+        if preset is not None:
+            ax.scatter([points[preset][0]], [points[preset][1]], s=60, c="C0", marker="*", zorder=3,
+                       label="the preset (--enqueue-preset)")
         ax.legend()
     ax.set_xlabel({"params": "parameters", "flops": "FLOPs per image", "seconds": "wall seconds"}[cost])
     ax.set_ylabel("validation accuracy (%)")
