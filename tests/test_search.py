@@ -198,6 +198,25 @@ def test_finalize_refuses_to_mix_retrains_of_other_overrides(cluster, capsys, tr
     assert [p.name for p in final.iterdir()] == ["final.json"]  # nothing trained, the record kept
 
 
+def test_a_dead_workers_preset_trial_is_retried_as_the_preset():
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"model.depth": 2}, user_attrs={"preset": True})
+    t = study.ask({"model.depth": optuna.distributions.IntDistribution(1, 2)})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: its worker died
+    t.set_user_attr("worker", {"host": os.uname().nodename, "pid": dead.pid})
+    t.set_user_attr("heartbeat", time.time())
+    t.set_user_attr("run", "/runs/trial-0000")
+    assert S.fail_stale(study) == 1
+    failed, retry = study.get_trials(deepcopy=False)
+    assert failed.state.name == "FAIL" and "died" in failed.user_attrs["error"]
+    assert retry.state.name == "WAITING" and retry.params == {} and retry.system_attrs["fixed_params"] == {
+        "model.depth": 2}
+    assert retry.user_attrs == {"retry_of": 0, "run": "/runs/trial-0000", "preset": True}
+
+
 def test_enqueue_preset_outside_the_space_is_refused(cluster, capsys, tmp_path):  # noqa: F811
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"model.embed_dim": [16, 24]}))  # the smoke preset's width is 32

@@ -342,6 +342,11 @@ def _alive(host: str, pid: int) -> bool:
         return True
 
 
+def retry_attrs(t, run: str | None) -> dict:
+    """What a retry of trial `t` carries: which trial it retries, its run folder (resumed), and the preset mark."""
+    return {"retry_of": t.number, "run": run, **({"preset": True} if t.user_attrs.get("preset") else {})}
+
+
 def fail_stale(study) -> int:
     """Fail every RUNNING trial whose worker is gone (its process on this host, or HEARTBEAT_GRACE_S without a
     heartbeat), with the reason, and enqueue a retry of its parameters in its run folder; return how many."""
@@ -365,8 +370,7 @@ def fail_stale(study) -> int:
                 continue
         except UpdateFinishedTrialError:  # another worker failed it first and retries it
             continue
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "run": t.user_attrs.get("run")},
-                            skip_if_exists=False)
+        study.enqueue_trial(t.params, user_attrs=retry_attrs(t, t.user_attrs.get("run")), skip_if_exists=False)
         n += 1
     return n
 
@@ -459,7 +463,7 @@ def run_trial(trial, folder: Path, s: Settings, extra: dict) -> list[float]:
     if result["status"] == "interrupted":  # a signal: stop this worker; the trial resumes in its folder next time
         trial.set_user_attr("error", f"interrupted by {result.get('stop_signal')} at step {result['step']}; "
                                      f"retried in {run}")
-        trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number, "run": str(run)})
+        trial.study.enqueue_trial(params, user_attrs=retry_attrs(trial, str(run)))
         trial.study.stop()
         raise KeyboardInterrupt
     trial.set_user_attr("val_acc", result.get("final_val_acc"))
