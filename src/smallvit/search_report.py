@@ -46,8 +46,9 @@ def report(folder: str | Path) -> dict:
     rows = []
     for t in trials:
         a = t.user_attrs
-        rows.append({"trial": f"{t.number} (preset)" if a.get("preset") else t.number, "state": t.state.name.lower(), "params": a.get("params"),
-                     "flops": a.get("flops"), "seconds": round(a["seconds"], 1) if "seconds" in a else None,
+        rows.append({"trial": f"{t.number} (preset)" if a.get("preset") else t.number,
+                     "state": t.state.name.lower(), "params": a.get("params"), "flops": a.get("flops"),
+                     "seconds": round(a["seconds"], 1) if "seconds" in a else None,
                      "val_acc": a.get("val_acc"), **{k: t.params.get(k) for k in knobs},
                      "values": ",".join(f"{v:.4g}" for v in t.values) if t.values else "",
                      "reason": a.get("prune_reason") or a.get("error") or ""})
