@@ -174,12 +174,12 @@ def preset_point(s: "Settings") -> dict[str, object]:
     return point
 
 
-def enqueue_preset(study, s: "Settings") -> bool:
-    """Queue the preset's point as a trial, once per study (Optuna's enqueue_trial: the sampler then knows the
-    hand-made configuration's score at the search's cost, and the report ranks it among the trials)."""
+def enqueue_preset(study, point: dict[str, object]) -> bool:
+    """Queue the preset's point (`preset_point`) as a trial, once per study (Optuna's enqueue_trial: the sampler then
+    knows the hand-made configuration's score at the search's cost, and the report ranks it among the trials)."""
     if any(t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False)):
         return False
-    study.enqueue_trial(preset_point(s), user_attrs={"preset": True}, skip_if_exists=False)
+    study.enqueue_trial(point, user_attrs={"preset": True}, skip_if_exists=False)
     return True
 
 
@@ -581,14 +581,13 @@ def search(s: Settings, root: str | Path, trials: int, launcher: str = "local", 
     `with_preset`: the preset's own point of the space is the next trial (once per study)."""
     folder = Path(root) / s.name
     check(s, unread)
-    if with_preset:
-        preset_point(s)  # refused before anything is written
+    point = preset_point(s) if with_preset else None  # refused before anything is written
     same_settings(folder, s)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / SETTINGS, asdict(s))
     study = load_study(folder, s, s.seed)
     fail_stale(study)
-    if with_preset and enqueue_preset(study, s):
+    if point is not None and enqueue_preset(study, point):
         print("the preset's own values of the space's keys are queued as the next trial", flush=True)
     done, busy = counted(study)
     running = busy - sum(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False))
@@ -636,8 +635,8 @@ def finalize(folder: Path, top: int, seeds: int, final_overrides: dict | None = 
     fin = {**RETRAIN, **(final_overrides or {})}
     entries = {"baseline": {}} | {f"trial-{t.number:04d}": t.params for t in best}
     record = folder / FINAL / "final.json"
-    if record.is_file():  # retrains already there were made with their overrides: never mix two protocols
-        before = read_json(record)
+    before = read_json(record) if record.is_file() else None
+    if before is not None:  # retrains already there were made with their overrides: never mix two protocols
         if before["overrides"] != json.loads(json.dumps(fin)):
             raise ConfigError(f"{folder / FINAL} holds retrains with other overrides ({before['overrides']}, now "
                               f"{fin}); use the same --final-set, or another NAME or --root")
@@ -650,8 +649,8 @@ def finalize(folder: Path, top: int, seeds: int, final_overrides: dict | None = 
             if run_state(run) != "done":
                 todo.append((label, seed, apply_overrides(cfg, {"train.seed": seed}), run))
     (folder / FINAL).mkdir(parents=True, exist_ok=True)
-    seeds_done = read_json(record)["seeds"] if record.is_file() else 0
-    atomic_write_json(record, {"entries": entries, "seeds": max(seeds, seeds_done), "overrides": fin})
+    atomic_write_json(record, {"entries": entries, "seeds": max(seeds, before["seeds"] if before else 0),
+                               "overrides": fin})
     print(f"retraining the top {len(best)} and the baseline x {seeds} seeds on the full training set: "
           f"{len(todo)} runs to go", flush=True)
     name = launcher if launcher == "slurm" else "local"  # devices' processes rebuild configs from ablation names
