@@ -12,15 +12,25 @@ weight map the tests hold logits equal under) trained with the same optimiser on
 the two alternate, one round each at a time, in this process, so a machine that speeds up or slows down (other
 processes, a VM's neighbours) moves both. The table gives each one's median over the rounds and their ratio.
 
+--bounds adds two rows to --timm's rounds, smallvit's model with work taken out (not a model to train, a measure of
+what the rest costs): "- LN, GELU, bias, residual" drops every layer norm, GELU, linear bias and residual add of the
+blocks; "- those - attention" also replaces the attention by its value projection (the q/k/v product still runs). If
+the first is short of a speed-up, no removal of memory-bound work can reach it: the rest is matrix products and
+attention.
+
     python benchmarks/bench_train.py --presets baseline quick --steps 10 --out benchmarks/results/train_cpu.md
     python benchmarks/bench_train.py --presets speedrun --timm --rounds 30 --out benchmarks/results/train_vs_timm_cpu.md
+    python benchmarks/bench_train.py --presets speedrun --timm --bounds --rounds 30 --steps 1
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -103,29 +113,51 @@ def model_step(model, cfg, x, t, dev):
     return step
 
 
-def against_timm(preset: str, overrides: dict, rounds: int, steps: int, warmup: int, dev: torch.device,
-                 batch: int | None) -> tuple[int, int, float, float]:
-    """Parameters, batch and the median img/s of smallvit's and timm's same-shape ViT over alternating rounds of
-    `steps` model-only steps."""
-    import statistics
+def stripped(model, attention: bool):
+    """A copy of a ViT with its blocks' layer norms, GELUs, linear biases and residual adds removed; without
+    `attention`, each attention layer returns proj(v) of the one q/k/v product (for --bounds, never trained)."""
+    model = copy.deepcopy(model)
+    for blk in model.blocks:
+        attn = blk.attn
+        if not attn.fused:
+            raise SystemExit("--bounds: the preset's attention is not the fused q/k/v one (latent or shared k/v)")
+        blk.norm1, blk.norm2, blk.mlp.act = torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity()
+        for lin in (attn.q, attn.k, attn.v, attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+            lin.bias = None
+        blk.forward = types.MethodType(lambda self, x: self.mlp(self.attn(x)), blk)
+        if not attention:
+            def value_only(self, x):
+                D = x.shape[-1]
+                qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
+                return self.proj(qkv[..., 2 * D:])
+            attn.forward = types.MethodType(value_only, attn)
+    return model
 
+
+def against_timm(preset: str, overrides: dict, rounds: int, steps: int, warmup: int, dev: torch.device,
+                 batch: int | None, bounds: bool = False) -> tuple[int, int, dict[str, float]]:
+    """Parameters, batch and the median img/s over alternating rounds of `steps` model-only steps of smallvit's
+    model, timm's same-shape ViT and, with `bounds`, the two stripped copies of smallvit's."""
     from smallvit.export import to_timm
 
     cfg = make_config(preset, overrides)
     B = batch or cfg.train.batch_size
     ours = build_model(cfg.model).to(dev).train()
-    theirs = to_timm(ours).to(dev).train()  # the same weights under the weight map
+    models = {"timm": to_timm(ours).to(dev).train(), "smallvit": ours}  # the same weights under the weight map
+    if bounds:
+        models["smallvit - LN, GELU, bias, residual"] = stripped(ours, attention=True)
+        models["smallvit - those - attention"] = stripped(ours, attention=False)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, 3, cfg.model.img_size, cfg.model.img_size, generator=g).to(dev)
     t = torch.softmax(torch.randn(B, cfg.model.num_classes, generator=g), 1).to(dev)
-    steps_of = {"timm": model_step(theirs, cfg, x, t, dev), "smallvit": model_step(ours, cfg, x, t, dev)}
+    steps_of = {k: model_step(m, cfg, x, t, dev) for k, m in models.items()}
     rates = {k: [] for k in steps_of}
     for fn in steps_of.values():
         images_per_second(fn, 1, warmup, B, dev)
     for _ in range(rounds):
         for k, fn in steps_of.items():
             rates[k].append(images_per_second(fn, steps, 0, B, dev))
-    return count_params(ours), B, statistics.median(rates["smallvit"]), statistics.median(rates["timm"])
+    return count_params(ours), B, {k: statistics.median(r) for k, r in rates.items()}
 
 
 def main():
@@ -140,16 +172,22 @@ def main():
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.add_argument("--timm", action="store_true", help="the model-only step against timm's same-shape ViT instead")
     p.add_argument("--rounds", type=int, default=20, help="--timm: alternating rounds of --steps steps each")
+    p.add_argument("--bounds", action="store_true",
+                   help="--timm: also smallvit's model without its memory-bound layers, and without attention too")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
+    if a.bounds and not a.timm:
+        p.error("--bounds goes with --timm")
     if a.timm:
-        rows = ["| preset | params | batch | smallvit model-only img/s | timm ViT same shape img/s | ratio |",
-                "|---|---|---|---|---|---|"]
+        rows = ["| preset | params | batch | model | model-only img/s | vs timm |", "|---|---|---|---|---|---|"]
         for preset in a.presets:
-            n, B, ours, theirs = against_timm(preset, parse_overrides(a.set), a.rounds, a.steps, a.warmup, dev, a.batch)
-            rows.append(f"| {preset} | {n:,} | {B} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x |")
+            n, B, r = against_timm(preset, parse_overrides(a.set), a.rounds, a.steps, a.warmup, dev, a.batch,
+                                   a.bounds)
+            name = {"timm": "timm ViT, same shape"}
+            rows += [f"| {preset} | {n:,} | {B} | {name.get(k, k)} | {v:.0f} | {v / r['timm']:.2f}x |"
+                     for k, v in r.items()]
         return report(rows, dev, a.out, f"median of {a.rounds} alternating rounds of {a.steps} steps each; ")
     rows = ["| preset | params | GFLOP/img (fwd) | batch | aug chunk | model-only img/s | full step img/s "
             "| augment-only img/s | augment share of step |", "|---|---|---|---|---|---|---|---|---|"]
