@@ -113,6 +113,12 @@ def model_step(model, cfg, x, t, dev):
     return step
 
 
+def value_only(self, x):
+    """An attention layer's stand-in for --bounds: proj of the value part of the one q/k/v product."""
+    D = x.shape[-1]
+    return self.proj(F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))[..., 2 * D:])
+
+
 def stripped(model, attention: bool):
     """A copy of a ViT with its blocks' layer norms, GELUs, linear biases and residual adds removed; without
     `attention`, each attention layer returns proj(v) of the one q/k/v product (for --bounds, never trained)."""
@@ -126,10 +132,6 @@ def stripped(model, attention: bool):
             lin.bias = None
         blk.forward = types.MethodType(lambda self, x: self.mlp(self.attn(x)), blk)
         if not attention:
-            def value_only(self, x):
-                D = x.shape[-1]
-                qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
-                return self.proj(qkv[..., 2 * D:])
             attn.forward = types.MethodType(value_only, attn)
     return model
 
@@ -175,17 +177,17 @@ def main():
     p.add_argument("--bounds", action="store_true",
                    help="--timm: also smallvit's model without its memory-bound layers, and without attention too")
     a = p.parse_args()
+    if a.bounds and not a.timm:
+        p.error("--bounds goes with --timm")
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    if a.bounds and not a.timm:
-        p.error("--bounds goes with --timm")
     if a.timm:
         rows = ["| preset | params | batch | model | model-only img/s | vs timm |", "|---|---|---|---|---|---|"]
+        name = {"timm": "timm ViT, same shape"}
         for preset in a.presets:
             n, B, r = against_timm(preset, parse_overrides(a.set), a.rounds, a.steps, a.warmup, dev, a.batch,
                                    a.bounds)
-            name = {"timm": "timm ViT, same shape"}
             rows += [f"| {preset} | {n:,} | {B} | {name.get(k, k)} | {v:.0f} | {v / r['timm']:.2f}x |"
                      for k, v in r.items()]
         return report(rows, dev, a.out, f"median of {a.rounds} alternating rounds of {a.steps} steps each; ")

@@ -174,18 +174,16 @@ def main(argv=None) -> int:
     if args.part in ("all", "ablations"):
         names = args.ablations.split(",") if args.ablations else STUDIES["speedrun"]
         sets = [f"data.val_images={args.val_images}", "train.eval_every_epochs=1", *args.set]
-        rows = ablation_rows
         for name in names:
             for seed in range(args.ablation_seeds):
-                rows.append(run(root / "val" / name / f"seed{seed}", name, seed, sets, args.data_dir))
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
+                ablation_rows.append(run(root / "val" / name / f"seed{seed}", name, seed, sets, args.data_dir))
+                print(json.dumps({k: v for k, v in ablation_rows[-1].items() if k != "curve"}), flush=True)
         parts.append(f"### What each ingredient adds (validation split of {args.val_images} images)\n\n"
-                     + ablation_table(rows))
+                     + ablation_table(ablation_rows))
     if args.part in ("all", "final"):
         seeds = [int(k) for k in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
-        rows = final_rows = [run(root / "test" / f"seed{seed}", "baseline", seed, args.set, args.data_dir)
-                             for seed in seeds]
-        parts.append("### The recipe on the test set (as ./run.sh runs it)\n\n" + final_table(rows))
+        final_rows = [run(root / "test" / f"seed{seed}", "baseline", seed, args.set, args.data_dir) for seed in seeds]
+        parts.append("### The recipe on the test set (as ./run.sh runs it)\n\n" + final_table(final_rows))
     if args.plot:
         plot(ablation_rows, final_rows, args.plot)
     text = header + "\n\n" + "\n\n".join(parts) + "\n"

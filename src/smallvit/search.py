@@ -160,7 +160,7 @@ def suggest(trial, space: dict) -> dict[str, object]:
     return out
 
 
-def preset_point(s: "Settings") -> dict[str, object]:
+def preset_point(s: Settings) -> dict[str, object]:
     """The preset's own values (with --set) of the space's keys: the hand-made configuration as a point of the space,
     refused in one line where it is not one (a value outside a key's choices)."""
     base, point = s.base(), {}
@@ -484,13 +484,18 @@ def work(folder: str | Path, n_trials: int, device: str = "", worker: int = 0) -
     extra = {"train.device": device} if device else {}
     if os.environ.get("SLURM_CPUS_PER_TASK") and not s.base().train.threads:
         extra["train.threads"] = int(os.environ["SLURM_CPUS_PER_TASK"])
+    started = []  # the number of each trial this worker ran, for its line once it has finished
+
+    def objective(trial):
+        started.append(trial.number)
+        return run_trial(trial, folder, s, extra)
+
     for _ in range(n_trials):
         fail_stale(study)
-        done = []
-        study.optimize(lambda t: done.append(t.number) or run_trial(t, folder, s, extra), n_trials=1,
-                       catch=(Exception,), gc_after_trial=False)
-        if done:
-            print(trial_line(study.get_trials(deepcopy=False)[done[0]]), flush=True)
+        before = len(started)
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        if len(started) > before:
+            print(trial_line(study.get_trials(deepcopy=False)[started[-1]]), flush=True)
 
 
 def trial_line(t) -> str:
